@@ -1,0 +1,3 @@
+"""rl-align: preference alignment and safe policy optimization on MuJoCo."""
+
+__version__ = "0.1.0"
