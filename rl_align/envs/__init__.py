@@ -1,0 +1,151 @@
+"""``make_env``: any Gymnasium MuJoCo task id -> CostWrapper -> (vector env). See DESIGN.md, Environments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import gymnasium as gym
+import numpy as np
+
+from rl_align.envs.costs import FEATURE_NAMES, CostConfig, CostWrapper
+from rl_align.envs.oracles import Oracle, OracleConfig
+from rl_align.errors import UserError
+
+__all__ = ["EnvConfig", "CostConfig", "OracleConfig", "Oracle", "make_env", "make_vec_env", "VecEnv", "FEATURE_NAMES"]
+
+
+@dataclass
+class EnvConfig:
+    """One environment setting: the task, its cost and its preference oracle (an ``envs/*.yaml`` preset)."""
+
+    task: str = "HalfCheetah-v5"
+    description: str = ""
+    cost: CostConfig = field(default_factory=CostConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+    max_episode_steps: int | None = None  # None: the task's own limit
+    vectorization: str = "sync"  # sync | async (subprocess per env; helps only for slow simulators)
+
+    def __post_init__(self) -> None:
+        if self.vectorization not in ("sync", "async"):
+            raise UserError(f"env.vectorization must be sync or async, got {self.vectorization!r}")
+        if self.max_episode_steps is not None and self.max_episode_steps < 1:
+            raise UserError(f"env.max_episode_steps must be >= 1, got {self.max_episode_steps}")
+
+
+def check_task(task: str) -> None:
+    """Fail with a one-line hint unless ``task`` is a registered Gymnasium id."""
+    if task not in gym.registry:
+        mujoco = sorted(k for k, v in gym.registry.items() if "mujoco" in str(v.entry_point) and k.endswith("-v5"))
+        raise UserError(f"unknown task {task!r}; use an env preset (rl-align list) or a Gymnasium id such as {', '.join(mujoco[:6])}")
+
+
+def make_env(config: EnvConfig | str, seed: int | None = None, render_mode: str | None = None) -> gym.Env:
+    """One env with ``info["cost"]`` and ``info["features"]`` each step; ``config`` may be a bare task id."""
+    if isinstance(config, str):
+        config = EnvConfig(task=config)
+    check_task(config.task)
+    kwargs = {"render_mode": render_mode} if render_mode else {}
+    if config.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = config.max_episode_steps
+    env = CostWrapper(gym.make(config.task, **kwargs), config.cost)
+    if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
+        raise UserError(f"task {config.task!r} needs Box observation and action spaces (continuous control)")
+    if seed is not None:
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+    return env
+
+
+class VecStep(NamedTuple):
+    """One vector step, ``N`` envs. ``obs`` is already the reset observation where an episode ended
+    (same-step autoreset); the observation that ended it is ``final_obs`` (valid where ``done``)."""
+
+    obs: np.ndarray  # [N, obs_dim]
+    rewards: np.ndarray  # [N]
+    costs: np.ndarray  # [N]
+    features: np.ndarray  # [N, 3]
+    terminated: np.ndarray  # [N] bool
+    truncated: np.ndarray  # [N] bool
+    final_obs: np.ndarray  # [N, obs_dim]
+
+
+class VecEnv:
+    """N envs stepped in lockstep with **same-step** autoreset: when env i ends an episode at this step,
+    it is reset at once, ``obs[i]`` is the new episode's first observation and ``final_obs[i]`` the last
+    one of the old episode. A plain loop: measured ~50% faster than Gymnasium's SyncVectorEnv here."""
+
+    def __init__(self, config: EnvConfig, n_envs: int, seed: int) -> None:
+        if n_envs < 1:
+            raise UserError(f"n_envs must be >= 1, got {n_envs}")
+        self.config, self.n_envs, self.seed = config, n_envs, seed
+        self.async_env = None
+        if config.vectorization == "async":
+            self.async_env = gym.vector.AsyncVectorEnv(
+                [lambda: make_env(config) for _ in range(n_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+            )
+            self.envs = []
+            probe = make_env(config)
+        else:
+            self.envs = [make_env(config) for _ in range(n_envs)]
+            probe = self.envs[0]
+        self.observation_space = probe.observation_space
+        self.action_space = probe.action_space
+        self.threshold = probe.threshold
+        self.dt = probe.unwrapped.dt
+        if self.async_env is not None:
+            probe.close()
+        self._episodes_started = 0
+
+    def reset(self) -> np.ndarray:
+        """First observations ``[N, obs_dim]``; env i is seeded with ``seed + i``."""
+        if self.async_env is not None:
+            obs, _ = self.async_env.reset(seed=[self.seed + i for i in range(self.n_envs)])
+            return obs.astype(np.float32)
+        obs = [env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)]
+        return np.stack(obs).astype(np.float32)
+
+    def step(self, actions: np.ndarray) -> VecStep:
+        if self.async_env is not None:
+            return self._step_async(actions)
+        N = self.n_envs
+        obs = np.empty((N,) + self.observation_space.shape, dtype=np.float32)
+        final_obs = np.zeros_like(obs)
+        rewards, costs = np.empty(N), np.empty(N)
+        features = np.empty((N, len(FEATURE_NAMES)), dtype=np.float32)
+        terminated, truncated = np.zeros(N, bool), np.zeros(N, bool)
+        for i, env in enumerate(self.envs):
+            o, r, te, tr, info = env.step(actions[i])
+            rewards[i], costs[i], features[i] = r, info["cost"], info["features"]
+            terminated[i], truncated[i] = te, tr
+            if te or tr:
+                final_obs[i] = o
+                o, _ = env.reset()
+            obs[i] = o
+        return VecStep(obs, rewards, costs, features, terminated, truncated, final_obs)
+
+    def _step_async(self, actions: np.ndarray) -> VecStep:
+        obs, rewards, terminated, truncated, info = self.async_env.step(actions)
+        done = terminated | truncated
+        costs = np.asarray(info.get("cost", np.zeros(self.n_envs)), dtype=np.float64).copy()
+        features = np.asarray(info.get("features", np.zeros((self.n_envs, 3))), dtype=np.float32).copy()
+        final_obs = np.zeros_like(obs, dtype=np.float32)
+        for i in np.flatnonzero(done):  # same-step mode: the ending step's info sits in final_info
+            costs[i] = info["final_info"]["cost"][i]
+            features[i] = info["final_info"]["features"][i]
+            final_obs[i] = info["final_obs"][i]
+        return VecStep(obs.astype(np.float32), rewards.astype(np.float64), costs, features, terminated, truncated, final_obs)
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+        if self.async_env is not None:
+            self.async_env.close()
+
+
+def make_vec_env(config: EnvConfig | str, n_envs: int = 1, seed: int = 0) -> VecEnv:
+    """``n_envs`` copies of ``make_env(config)`` in one :class:`VecEnv` (``config.vectorization``)."""
+    if isinstance(config, str):
+        config = EnvConfig(task=config)
+    check_task(config.task)
+    return VecEnv(config, n_envs, seed)
