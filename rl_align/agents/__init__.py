@@ -1,0 +1,37 @@
+"""One registry of agents: ``algo`` name -> (agent class, config dataclass)."""
+
+from __future__ import annotations
+
+import importlib
+
+from rl_align.errors import UserError
+
+REGISTRY: dict[str, type] = {}
+_MODULES = ("ppo", "sail", "rlhf", "comal")  # imported lazily so one broken module breaks only itself
+
+
+def register(name: str):
+    """Class decorator: ``@register("ppo")`` makes the agent available as ``algo: ppo``."""
+
+    def wrap(cls: type) -> type:
+        REGISTRY[name] = cls
+        cls.algo = name
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    for mod in _MODULES:
+        try:
+            importlib.import_module(f"rl_align.agents.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"rl_align.agents.{mod}":
+                raise
+
+
+def get_agent_class(algo: str) -> type:
+    _load_all()
+    if algo not in REGISTRY:
+        raise UserError(f"unknown algorithm {algo!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[algo]

@@ -1,0 +1,222 @@
+"""What every agent shares: policy + value nets, observation normalizer, rollout collection into the
+shared buffer, evaluation actions, checkpoint state. Algorithms subclass :class:`Agent` once and
+write only ``update``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rl_align.buffer import RolloutBuffer
+from rl_align.envs import VecEnv
+from rl_align.errors import UserError
+from rl_align.nets import ACTIVATIONS, GaussianPolicy, RunningMeanStd, ValueNet, numpy_forward
+
+
+@dataclass
+class AgentConfig:
+    """Fields common to every agent: rollout shape, networks, optimizer."""
+
+    n_envs: int = 1
+    n_steps: int = 2048  # steps per env per rollout
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    activation: str = "tanh"
+    log_std_init: float = 0.0
+    ortho_init: bool = True
+    lr: float = 3e-4
+    lr_schedule: str = "constant"  # constant | linear (to 0 at the end of the run)
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    epochs: int = 10
+    minibatch: int = 64
+    clip: float = 0.2
+    max_grad_norm: float = 0.5
+    normalize_obs: bool = True
+
+    def __post_init__(self) -> None:
+        for k in ("n_envs", "n_steps", "epochs", "minibatch"):
+            if getattr(self, k) < 1:
+                raise UserError(f"agent.{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("lr", "clip", "max_grad_norm"):
+            if getattr(self, k) <= 0:
+                raise UserError(f"agent.{k} must be > 0, got {getattr(self, k)}")
+        for k in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise UserError(f"agent.{k} must be in [0, 1], got {getattr(self, k)}")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise UserError(f"agent.lr_schedule must be constant or linear, got {self.lr_schedule!r}")
+        if any(h < 1 for h in self.hidden):
+            raise UserError(f"agent.hidden sizes must be >= 1, got {self.hidden}")
+
+
+class Agent:
+    """Base of every algorithm (the only class between an agent and ``object``)."""
+
+    algo = "base"
+    config_cls = AgentConfig
+
+    def __init__(self, config: AgentConfig, env: VecEnv, seed: int, device: str = "cpu", oracle=None) -> None:
+        self.config, self.device, self.oracle = config, torch.device(device), oracle
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        self.act_low, self.act_high = env.action_space.low, env.action_space.high
+        torch.manual_seed(seed)
+        c = config
+        self.policy = GaussianPolicy(obs_dim, act_dim, c.hidden, c.activation, c.log_std_init, c.ortho_init).to(self.device)
+        self.value = ValueNet(obs_dim, c.hidden, c.activation, c.ortho_init).to(self.device)
+        self.cost_value: ValueNet | None = None  # built by the Lagrangian layer when constrained
+        self.obs_rms = RunningMeanStd((obs_dim,))
+        self.buffer = RolloutBuffer(c.n_steps, env.n_envs, obs_dim, act_dim)
+        self.rng = np.random.default_rng(seed)
+        self.act_rng = np.random.default_rng(seed + 1)  # action noise: its own stream
+        self.optimizer = torch.optim.Adam(list(self.policy.parameters()) + list(self.value.parameters()), lr=c.lr, eps=1e-5, **adam_kwargs(self.device))
+        self.env_steps = 0
+        self.total_steps = 1  # set by the trainer, for the learning-rate schedule
+        self.updates = 0
+
+    # ---- acting ---------------------------------------------------------------------------------
+    def normalize(self, raw_obs: np.ndarray) -> np.ndarray:
+        return self.obs_rms.normalize(raw_obs) if self.config.normalize_obs else raw_obs.astype(np.float32)
+
+    def actor(self) -> "NumpyActor":
+        """A NumPy snapshot of the current policy and critics for acting (see ``nets.numpy_forward``)."""
+        return NumpyActor(self)
+
+    def act(self, raw_obs: np.ndarray, deterministic: bool = False, actor: "NumpyActor | None" = None) -> np.ndarray:
+        """Env-ready actions ``[N, act_dim]`` (clipped to the bounds) from raw observations."""
+        actor = actor or self.actor()
+        obs = self.normalize(raw_obs)
+        action = actor.mean(obs) if deterministic else actor.sample(obs, self.act_rng)[0]
+        return np.clip(action, self.act_low, self.act_high)
+
+    # ---- rollout ----------------------------------------------------------------------------------
+    def collect(self, env: VecEnv, raw_obs: np.ndarray, tracker: "EpisodeTracker") -> np.ndarray:
+        """Fill ``self.buffer`` with ``n_steps`` vector steps from ``raw_obs``; returns the next raw obs.
+        Log-probs are of the unclipped sample; the env gets the action clipped to its bounds."""
+        buf, actor = self.buffer, self.actor()
+        for t in range(buf.T):
+            if self.config.normalize_obs:
+                self.obs_rms.update(raw_obs)
+            obs = self.normalize(raw_obs)
+            action, buf.logp[t] = actor.sample(obs, self.act_rng)
+            buf.values[t], buf.cost_values[t] = actor.values(obs)
+            step = env.step(np.clip(action, self.act_low, self.act_high))
+            buf.obs[t], buf.raw_obs[t], buf.actions[t] = obs, raw_obs, action
+            buf.rewards[t], buf.costs[t], buf.features[t] = step.rewards, step.costs, step.features
+            buf.terminated[t], buf.truncated[t] = step.terminated, step.truncated
+            buf.final_values[t] = buf.final_cost_values[t] = 0.0
+            if step.truncated.any():  # bootstrap from the observation that ended the episode
+                idx = np.flatnonzero(step.truncated)
+                buf.final_values[t, idx], buf.final_cost_values[t, idx] = actor.values(self.normalize(step.final_obs[idx]))
+            tracker.step(step.rewards, step.costs, step.terminated | step.truncated)
+            raw_obs = step.obs
+        buf.last_obs[:] = self.normalize(raw_obs)
+        buf.last_values[:], buf.last_cost_values[:] = actor.values(buf.last_obs)
+        self.env_steps += buf.T * buf.N
+        return raw_obs
+
+    def update(self) -> dict[str, float]:
+        """One learning step on ``self.buffer``; returns scalars to log (``train/...``)."""
+        raise NotImplementedError
+
+    # ---- optimizer helpers -------------------------------------------------------------------------
+    def set_lr(self) -> float:
+        frac = 1.0 - min(1.0, self.env_steps / max(1, self.total_steps)) if self.config.lr_schedule == "linear" else 1.0
+        lr = self.config.lr * max(frac, 0.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def step_optimizer(self, loss: torch.Tensor, params: list[torch.nn.Parameter] | None = None) -> float:
+        """Backward, clip the gradient norm, Adam step; returns the pre-clip gradient norm."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = params if params is not None else [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        return float(norm)
+
+    def minibatches(self, n: int, size: int):
+        """Shuffled index minibatches over ``n`` samples from the agent's seeded generator."""
+        perm = torch.as_tensor(self.rng.permutation(n), device=self.device)
+        for start in range(0, n, size):
+            yield perm[start : start + size]
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def modules(self) -> dict:
+        """Everything with a ``state_dict`` that a checkpoint holds."""
+        mods = {"policy": self.policy, "value": self.value, "obs_rms": self.obs_rms}
+        if self.cost_value is not None:
+            mods["cost_value"] = self.cost_value
+        return mods
+
+    def state_dict(self) -> dict:
+        state = {k: m.state_dict() for k, m in self.modules().items()}
+        state.update(
+            optimizer=self.optimizer.state_dict(), env_steps=self.env_steps, updates=self.updates,
+            rng=self.rng.bit_generator.state, act_rng=self.act_rng.bit_generator.state,
+        )
+        if self.oracle is not None:
+            state["oracle"] = self.oracle.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, m in self.modules().items():
+            m.load_state_dict(state[k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.env_steps, self.updates = int(state["env_steps"]), int(state["updates"])
+        self.rng.bit_generator.state = state["rng"]
+        self.act_rng.bit_generator.state = state["act_rng"]
+        if self.oracle is not None and "oracle" in state:
+            self.oracle.load_state_dict(state["oracle"])
+
+
+def adam_kwargs(device: torch.device) -> dict:
+    """The fused Adam kernel on CPU and CUDA (measured 15% faster per minibatch than foreach here)."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
+class NumpyActor:
+    """Acting copy of an agent's networks, in NumPy: ``mean``, ``sample`` (with log-prob), ``values``."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.mean = numpy_forward(agent.policy.mean)
+        self.log_std = agent.policy.log_std.detach().cpu().numpy().astype(np.float64)
+        self.std = np.exp(self.log_std)
+        self.value = numpy_forward(agent.value.net)
+        self.cost_value = numpy_forward(agent.cost_value.net) if agent.cost_value is not None else None
+
+    def sample(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``a = mu(s) + std * eps`` and ``log pi(a|s)``, ``[N, act_dim]`` and ``[N]``."""
+        mu = self.mean(obs)
+        eps = rng.standard_normal(mu.shape)
+        logp = (-0.5 * eps**2 - self.log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+        return (mu + self.std * eps).astype(np.float32), logp
+
+    def values(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        v = self.value(obs)[:, 0]
+        c = self.cost_value(obs)[:, 0] if self.cost_value is not None else np.zeros_like(v)
+        return v, c
+
+
+class EpisodeTracker:
+    """Sums reward, cost and length of the episodes running in each env; keeps the finished ones."""
+
+    def __init__(self, n_envs: int) -> None:
+        self.ret, self.cost, self.len = np.zeros(n_envs), np.zeros(n_envs), np.zeros(n_envs, int)
+        self.finished: list[tuple[float, float, int]] = []
+
+    def step(self, rewards: np.ndarray, costs: np.ndarray, done: np.ndarray) -> None:
+        self.ret += rewards
+        self.cost += costs
+        self.len += 1
+        for i in np.flatnonzero(done):
+            self.finished.append((float(self.ret[i]), float(self.cost[i]), int(self.len[i])))
+            self.ret[i] = self.cost[i] = self.len[i] = 0
+
+    def pop(self) -> list[tuple[float, float, int]]:
+        out, self.finished = self.finished, []
+        return out

@@ -1,0 +1,153 @@
+"""The shared rollout buffer: every agent collects into it; GAE, segments and pairs live here once.
+
+Arrays are ``[T, N, ...]`` (time, env). Vector envs reset in the same step an episode ends
+(``rl_align.envs.VecEnv``), so ``obs[t + 1]`` starts a new episode when ``done[t]``; the value of the
+observation that ended a *truncated* episode is kept in ``final_values[t]`` for bootstrapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    last_values: np.ndarray,
+    final_values: np.ndarray,
+    terminated: np.ndarray,
+    truncated: np.ndarray,
+    gamma: float,
+    lam: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generalized advantage estimation over ``[T, N]`` arrays; returns ``(advantages, returns)``.
+
+    ``delta_t = r_t + gamma * V_next_t * (1 - terminated_t) - V(s_t)`` where ``V_next_t`` is
+    ``V(s_{t+1})`` inside an episode, ``V(final obs)`` on truncation and ``last_values`` after the last
+    step; ``A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1}`` (Schulman et al. 2016, eq. 16).
+    """
+    T = rewards.shape[0]
+    next_values = np.concatenate([values[1:], last_values[None]], axis=0)
+    next_values = np.where(truncated, final_values, next_values)
+    not_term = 1.0 - terminated.astype(np.float64)
+    not_done = 1.0 - (terminated | truncated).astype(np.float64)
+    deltas = rewards + gamma * next_values * not_term - values
+    advantages = np.zeros_like(deltas)
+    running = np.zeros_like(deltas[0])
+    for t in reversed(range(T)):
+        running = deltas[t] + gamma * lam * not_done[t] * running
+        advantages[t] = running
+    return advantages, advantages + values
+
+
+@dataclass
+class Segments:
+    """``M`` contiguous windows of ``H`` steps, each inside one episode. ``rewards`` is for oracles only."""
+
+    env: np.ndarray  # [M] env index
+    start: np.ndarray  # [M] first time index
+    obs: np.ndarray  # [M, H, obs_dim] (normalized as the agent saw them)
+    actions: np.ndarray  # [M, H, act_dim]
+    logp: np.ndarray  # [M, H] behaviour log-probs
+    rewards: np.ndarray  # [M, H] true reward: the oracle's, never an agent's
+    costs: np.ndarray  # [M, H]
+    features: np.ndarray  # [M, H, 3]
+
+    def __len__(self) -> int:
+        return len(self.env)
+
+    def take(self, idx: np.ndarray) -> "Segments":
+        return Segments(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+class RolloutBuffer:
+    """Fixed-size ``[T, N]`` storage of one rollout, for every agent."""
+
+    def __init__(self, n_steps: int, n_envs: int, obs_dim: int, act_dim: int) -> None:
+        self.T, self.N = n_steps, n_envs
+        self.obs = np.zeros((n_steps, n_envs, obs_dim), np.float32)
+        self.raw_obs = np.zeros((n_steps, n_envs, obs_dim), np.float32)
+        self.actions = np.zeros((n_steps, n_envs, act_dim), np.float32)
+        self.logp = np.zeros((n_steps, n_envs), np.float32)
+        self.rewards = np.zeros((n_steps, n_envs))
+        self.costs = np.zeros((n_steps, n_envs))
+        self.features = np.zeros((n_steps, n_envs, 3), np.float32)
+        self.terminated = np.zeros((n_steps, n_envs), bool)
+        self.truncated = np.zeros((n_steps, n_envs), bool)
+        self.values = np.zeros((n_steps, n_envs))
+        self.cost_values = np.zeros((n_steps, n_envs))
+        self.final_values = np.zeros((n_steps, n_envs))
+        self.final_cost_values = np.zeros((n_steps, n_envs))
+        self.last_values = np.zeros(n_envs)
+        self.last_cost_values = np.zeros(n_envs)
+        self.last_obs = np.zeros((n_envs, obs_dim), np.float32)  # normalized obs after the last step
+        self.advantages = np.zeros((n_steps, n_envs))
+        self.returns = np.zeros((n_steps, n_envs))
+        self.cost_advantages = np.zeros((n_steps, n_envs))
+        self.cost_returns = np.zeros((n_steps, n_envs))
+
+    @property
+    def done(self) -> np.ndarray:
+        return self.terminated | self.truncated
+
+    def compute_gae(self, gamma: float, lam: float, rewards: np.ndarray | None = None) -> None:
+        """Reward and cost advantages in place. ``rewards`` overrides the stored ones (a learned or
+        normalized reward); costs always use the stored ``costs``."""
+        r = self.rewards if rewards is None else rewards
+        args = (self.terminated, self.truncated, gamma, lam)
+        self.advantages, self.returns = gae(r, self.values, self.last_values, self.final_values, *args)
+        self.cost_advantages, self.cost_returns = gae(
+            self.costs, self.cost_values, self.last_cost_values, self.final_cost_values, *args
+        )
+
+    def flat(self, device: torch.device | str = "cpu", **extra: np.ndarray) -> dict[str, torch.Tensor]:
+        """All ``T * N`` steps as tensors for minibatch updates (plus any ``[T, N, ...]`` arrays given)."""
+        fields = dict(
+            obs=self.obs, actions=self.actions, logp=self.logp, advantages=self.advantages, returns=self.returns,
+            values=self.values, cost_advantages=self.cost_advantages, cost_returns=self.cost_returns,
+            cost_values=self.cost_values, **extra,
+        )
+        return {
+            k: torch.as_tensor(v.reshape((self.T * self.N,) + v.shape[2:]), dtype=torch.float32, device=device)
+            for k, v in fields.items()
+        }
+
+    def segments(self, H: int) -> Segments:
+        """Non-overlapping windows of ``H`` steps that never cross an episode boundary.
+
+        A window may end on the step that ends an episode, never after it. Windows tile each episode
+        piece from its first step in the buffer; a remainder shorter than ``H`` is dropped."""
+        if H < 1 or H > self.T:
+            raise ValueError(f"segment length {H} must be in [1, n_steps={self.T}]")
+        envs, starts = [], []
+        done = self.done
+        for n in range(self.N):
+            ends = np.flatnonzero(done[:, n])
+            piece_start = 0
+            for end in list(ends) + [self.T - 1]:
+                for s in range(piece_start, end - H + 2, H):
+                    envs.append(n)
+                    starts.append(s)
+                piece_start = end + 1
+        env = np.asarray(envs, dtype=np.int64)
+        start = np.asarray(starts, dtype=np.int64)
+        t_idx = start[:, None] + np.arange(H)[None, :]  # [M, H]
+        n_idx = env[:, None]
+        return Segments(
+            env, start, self.obs[t_idx, n_idx], self.actions[t_idx, n_idx], self.logp[t_idx, n_idx],
+            self.rewards[t_idx, n_idx], self.costs[t_idx, n_idx], self.features[t_idx, n_idx],
+        )
+
+    @staticmethod
+    def pairs(n_segments: int, max_pairs: int | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Index pairs ``(i, j)``, ``i != j``: all ``M (M - 1) / 2`` pairs, or a random subset of
+        ``max_pairs`` of them; the order inside a pair is randomized."""
+        i, j = np.triu_indices(n_segments, k=1)
+        if max_pairs is not None and max_pairs < len(i):
+            keep = rng.choice(len(i), size=max_pairs, replace=False)
+            i, j = i[keep], j[keep]
+        swap = rng.random(len(i)) < 0.5
+        return np.where(swap, j, i), np.where(swap, i, j)

@@ -1,0 +1,83 @@
+"""The shared rollout buffer: GAE against hand-computed values (with truncation), segments, pairs."""
+
+import numpy as np
+import pytest
+
+from rl_align.agents.base import EpisodeTracker
+from rl_align.buffer import RolloutBuffer, gae
+from rl_align.runs import resolve_config
+from rl_align.train import build_agent
+
+
+def test_gae_hand_computed_with_termination_and_truncation():
+    g, lam = 0.9, 0.8
+    # one env, 4 steps: episode A ends by truncation at t=1 (V(final obs) = 5), episode B runs on
+    rewards = np.array([[1.0], [2.0], [3.0], [4.0]])
+    values = np.array([[0.5], [1.0], [1.5], [2.0]])
+    final_values = np.array([[0.0], [5.0], [0.0], [0.0]])
+    terminated = np.zeros((4, 1), bool)
+    truncated = np.array([[False], [True], [False], [False]])
+    last = np.array([3.0])
+    adv, ret = gae(rewards, values, last, final_values, terminated, truncated, g, lam)
+    d3 = 4 + g * 3.0 - 2.0
+    d2 = 3 + g * 2.0 - 1.5
+    d1 = 2 + g * 5.0 - 1.0  # bootstraps from the truncated episode's final observation
+    d0 = 1 + g * 1.0 - 0.5
+    expected = [d0 + g * lam * d1, d1, d2 + g * lam * d3, d3]
+    np.testing.assert_allclose(adv[:, 0], expected)
+    np.testing.assert_allclose(ret, adv + values)
+    # a termination instead: no bootstrap at all at t=1
+    adv_t, _ = gae(rewards, values, last, final_values, truncated, truncated, g, lam)
+    assert adv_t[1, 0] == pytest.approx(2 - 1.0)
+
+
+def test_segments_never_span_two_episodes():
+    buf = RolloutBuffer(n_steps=40, n_envs=3, obs_dim=2, act_dim=1)
+    rng = np.random.default_rng(0)
+    buf.terminated[:] = rng.random((40, 3)) < 0.05
+    buf.truncated[:] = rng.random((40, 3)) < 0.05
+    buf.rewards[:] = np.arange(40)[:, None] + 100 * np.arange(3)[None, :]  # encodes (t, env)
+    episode_id = np.cumsum(np.concatenate([np.zeros((1, 3)), buf.done[:-1]]), axis=0)
+    for H in (1, 3, 7):
+        segs = buf.segments(H)
+        assert segs.rewards.shape == (len(segs), H)
+        for k in range(len(segs)):
+            n, s = segs.env[k], segs.start[k]
+            np.testing.assert_array_equal(segs.rewards[k], np.arange(s, s + H) + 100 * n)
+            assert len(set(episode_id[s : s + H, n])) == 1, "a segment crosses an episode boundary"
+        starts = [(n, s) for n, s in zip(segs.env, segs.start)]
+        assert len(starts) == len(set(starts))
+    with pytest.raises(ValueError):
+        buf.segments(41)
+
+
+def test_pairs_all_or_subsampled():
+    rng = np.random.default_rng(0)
+    i, j = RolloutBuffer.pairs(6, None, rng)
+    assert len(i) == 15 and (i != j).all()
+    assert {frozenset(p) for p in zip(i, j)} == {frozenset((a, b)) for a in range(6) for b in range(a + 1, 6)}
+    i, j = RolloutBuffer.pairs(10, 7, rng)
+    assert len(i) == 7 and len({frozenset(p) for p in zip(i, j)}) == 7
+
+
+def test_collect_bootstraps_truncation_from_the_final_observation():
+    """A real rollout with short episodes: done steps hold V(final obs), not V(next episode's obs)."""
+    cfg = resolve_config("HalfCheetah-v5", "ppo", ["agent.n_steps=64", "agent.n_envs=2", "env.max_episode_steps=25"])
+    agent, env = build_agent(cfg)
+    obs = env.reset()
+    agent.collect(env, obs, EpisodeTracker(2))
+    buf = agent.buffer
+    assert buf.truncated.sum() == 4 and not buf.terminated.any()
+    actor = agent.actor()
+    for t, n in zip(*np.nonzero(buf.truncated)):
+        # the episode's last observation is not in the buffer; the next row is a fresh episode
+        assert buf.final_values[t, n] != 0.0
+        assert abs(actor.values(buf.obs[t + 1 : t + 2, n])[0][0] - buf.values[t + 1, n]) < 1e-5
+    env.close()
+
+
+def test_episode_tracker_sums_per_env():
+    tr = EpisodeTracker(2)
+    tr.step(np.array([1.0, 2.0]), np.array([0.0, 1.0]), np.array([False, False]))
+    tr.step(np.array([1.0, 2.0]), np.array([1.0, 1.0]), np.array([True, False]))
+    assert tr.pop() == [(2.0, 1.0, 2)]
