@@ -1,0 +1,86 @@
+"""The ``rl-align`` command. User mistakes print one line and exit 2; no tracebacks for them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rl_align.errors import UserError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rl_align.runs import resolve_config
+    from rl_align.train import train
+
+    cfg = resolve_config(args.env, args.agent, args.set, steps=args.steps, seed=args.seed)
+    if args.device:
+        cfg.run.device = args.device
+    folder, summary = train(cfg)
+    print_summary(folder, summary)
+    return 0
+
+
+def print_summary(folder, summary: dict) -> None:
+    """What the run achieved and where its logs are."""
+    i, f = summary["initial"], summary["final"]
+    print(f"\n{summary['algo']} on {summary['env']} (seed {summary['seed']}): {summary['env_steps']:,} env steps in {summary['wall_time_s']:.0f} s")
+    print(f"  return (deterministic) {i['eval/return_det']:9.1f} -> {f['eval/return_det']:9.1f}")
+    print(f"  return (stochastic)    {i['eval/return_stoch']:9.1f} -> {f['eval/return_stoch']:9.1f}")
+    print(f"  episode cost           {i['eval/cost_det']:9.1f} -> {f['eval/cost_det']:9.1f}")
+    for key, label in (("eval/win_rate_vs_ref", "win rate vs reference"), ("eval/kl_to_ref", "KL to reference")):
+        if key in f:
+            print(f"  {label:<22} {f[key]:9.3f}")
+    if summary.get("queries_used"):
+        print(f"  preference queries     {summary['queries_used']:9,d}")
+    print(f"  logs: {folder}   (tensorboard --logdir {folder}/tb)")
+
+
+def _list(args: argparse.Namespace) -> int:
+    from rl_align.config import list_presets
+
+    for kind in ("envs", "agents"):
+        print(f"{kind}:")
+        for name, desc in list_presets(kind).items():
+            print(f"  {name:<26} {desc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rl-align", description="Preference alignment and safe policy optimization on MuJoCo.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train an agent on an env", description="Train an agent; writes a run folder under runs/<env>/<agent>/.")
+    p.add_argument("--env", default="halfcheetah", help="env preset name (rl-align list), a .yaml path, or a Gymnasium id like Hopper-v5")
+    p.add_argument("--agent", default="ppo", help="agent preset name (rl-align list) or a .yaml path")
+    p.add_argument("--steps", type=int, default=None, help="env steps to train (default: the preset's run.steps)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config field, e.g. --set agent.lr=1e-4 --set env.cost.limit=10 (repeatable)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("list", help="list env and agent presets", description="List env and agent presets with their descriptions.")
+    p.set_defaults(func=_list)
+
+    for module in ("rl_align.games.cli",):
+        try:
+            __import__(module, fromlist=["add_parser"]).add_parser(sub)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith(module.rsplit(".", 1)[0]):
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"rl-align: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

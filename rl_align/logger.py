@@ -1,0 +1,133 @@
+"""One logger: ``record(key, value)`` then ``dump(step)`` to TensorBoard and a CSV of every scalar,
+plus a live progress line. Prefixes group scalars: ``train/``, ``eval/``, ``rollout/``, ``pl/``,
+``cost/``, ``oracle/``."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+
+class CSVOutput:
+    """Wide CSV (one row per dump, one column per key); the header grows when new keys appear."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys: list[str] = []
+        self.rows: list[dict] = []
+        if path.exists():  # resuming: keep what is there
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                self.keys = list(reader.fieldnames or [])
+                self.rows = list(reader)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        row = {"step": step, **scalars}
+        new = [k for k in row if k not in self.keys]
+        self.rows.append(row)
+        if new or not self.path.exists():
+            self.keys += new
+            with self.path.open("w", newline="") as f:  # rewrite with the grown header
+                writer = csv.DictWriter(f, fieldnames=self.keys)
+                writer.writeheader()
+                writer.writerows(self.rows)
+        else:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.keys).writerow(row)
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardOutput:
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imported where used: optional weight
+
+        self.writer = SummaryWriter(str(log_dir))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Progress:
+    """One status line: steps, steps/s, latest return and cost, ETA. Redrawn in place on a terminal,
+    printed every ~10% of the run otherwise (log files stay readable)."""
+
+    def __init__(self, total: int, start: int = 0, stream=sys.stderr, enabled: bool = True) -> None:
+        self.total, self.start, self.stream, self.enabled = total, start, stream, enabled
+        self.t0 = time.perf_counter()
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.next_print = start
+        self.fields: dict[str, float] = {}
+
+    def update(self, step: int, **fields: float) -> None:
+        self.fields.update({k: v for k, v in fields.items() if v is not None and not math.isnan(v)})
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        sps = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / sps if sps > 0 else float("nan")
+        parts = [f"{step:>9,}/{self.total:,} steps", f"{sps:,.0f} steps/s"]
+        parts += [f"{k} {v:,.1f}" for k, v in self.fields.items()]
+        parts.append(f"ETA {_fmt_time(eta)}")
+        line = " | ".join(parts)
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            self.stream.flush()
+        elif step >= self.next_print or step >= self.total:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.next_print = step + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _fmt_time(seconds: float) -> str:
+    if math.isnan(seconds) or math.isinf(seconds):
+        return "--"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Logger:
+    """``record`` scalars, ``dump`` them at an env step to every output."""
+
+    def __init__(self, folder: Path | None, tensorboard: bool = True) -> None:
+        self.outputs = []
+        if folder is not None:
+            self.outputs.append(CSVOutput(folder / "progress.csv"))
+            if tensorboard:
+                self.outputs.append(TensorBoardOutput(folder / "tb"))
+        self.values: dict[str, float] = {}
+        self.latest: dict[str, float] = {}
+
+    def record(self, key: str, value: float) -> None:
+        self.values[key] = float(value)
+
+    def record_dict(self, scalars: dict[str, float]) -> None:
+        for k, v in scalars.items():
+            self.record(k, v)
+
+    def dump(self, step: int) -> None:
+        if not self.values:
+            return
+        for out in self.outputs:
+            out.write(step, self.values)
+        self.latest.update(self.values)
+        self.values = {}
+
+    def close(self) -> None:
+        for out in self.outputs:
+            out.close()

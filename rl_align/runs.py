@@ -1,0 +1,162 @@
+"""Run configs and run folders: resolve presets, snapshot config and versions, atomic checkpoints.
+
+A run folder is ``runs/<env>/<agent>/<timestamp>-s<seed>/`` holding ``config.yaml`` (resolved),
+``versions.json``, ``progress.csv``, ``tb/`` (TensorBoard events), ``checkpoints/last.pt`` and, when
+the run ends, ``summary.json``. An existing folder is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from rl_align.agents import get_agent_class
+from rl_align.agents.base import AgentConfig
+from rl_align.config import TrainConfig, apply_overrides, build, list_presets, load_preset, read_yaml, to_dict
+from rl_align.envs import EnvConfig, check_task
+from rl_align.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    env_name: str
+    agent_name: str
+    algo: str
+    env: EnvConfig
+    agent: AgentConfig
+    run: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {
+            "env_name": self.env_name, "agent_name": self.agent_name, "algo": self.algo,
+            "env": to_dict(self.env), "agent": to_dict(self.agent), "run": to_dict(self.run),
+        }
+
+
+def _env_data(name: str) -> tuple[str, dict]:
+    found = load_preset("envs", name)
+    if found is not None:
+        return found
+    if "-v" in name and "/" not in name:
+        check_task(name)
+        return name, {"task": name, "description": f"{name} with the default cost and oracle"}
+    raise UserError(f"unknown env {name!r}; use a preset ({', '.join(list_presets('envs'))}) or a Gymnasium id such as HalfCheetah-v5")
+
+
+def _agent_data(name: str) -> tuple[str, dict]:
+    found = load_preset("agents", name)
+    if found is None:
+        raise UserError(f"unknown agent {name!r}; use a preset ({', '.join(list_presets('agents'))}) or a path to a .yaml file")
+    preset, data = found
+    if "algo" not in data:
+        raise UserError(f"agent preset {preset} has no 'algo:' line naming the algorithm (e.g. algo: ppo)")
+    return preset, data
+
+
+def resolve_config(env: str, agent: str, overrides: list[str] = (), steps: int | None = None, seed: int | None = None) -> RunConfig:
+    """Preset names (or YAML paths / task ids) + ``section.key=value`` overrides -> validated config.
+    A preset's ``run:`` section sets run defaults (e.g. its budget); ``--steps`` / ``--seed`` win."""
+    env_name, env_data = _env_data(env)
+    agent_name, agent_data = _agent_data(agent)
+    agent_data = dict(agent_data)
+    algo = agent_data.pop("algo")
+    agent_data.pop("description", None)
+    run_data = dict(agent_data.pop("run", None) or {})
+    env_data = dict(env_data)
+    run_data.update({k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None})
+    data = apply_overrides({"env": env_data, "agent": agent_data, "run": run_data}, list(overrides))
+    return from_data(env_name, agent_name, algo, data)
+
+
+def from_data(env_name: str, agent_name: str, algo: str, data: dict) -> RunConfig:
+    cls = get_agent_class(algo)
+    return RunConfig(
+        env_name=env_name, agent_name=agent_name, algo=algo,
+        env=build(EnvConfig, data.get("env") or {}, "env"),
+        agent=build(cls.config_cls, data.get("agent") or {}, "agent"),
+        run=build(TrainConfig, data.get("run") or {}, "run"),
+    )
+
+
+def load_run_config(folder: Path) -> RunConfig:
+    data = read_yaml(Path(folder) / "config.yaml")
+    try:
+        return from_data(data["env_name"], data["agent_name"], data["algo"], data)
+    except KeyError as exc:
+        raise UserError(f"{folder}/config.yaml lacks {exc}; it is not an rl-align run folder") from None
+
+
+def versions() -> dict[str, Any]:
+    import gymnasium
+    import mujoco
+    import numpy
+
+    import rl_align
+
+    out = {
+        "rl_align": rl_align.__version__, "python": platform.python_version(), "torch": torch.__version__,
+        "gymnasium": gymnasium.__version__, "mujoco": mujoco.__version__, "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        here = Path(__file__).resolve().parent
+        out["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def create_run_folder(cfg: RunConfig, root: Path | None = None) -> Path:
+    """Make a new, empty run folder and write the config and versions. Never reuses a folder."""
+    root = Path(root if root is not None else cfg.run.out_dir)
+    env_part = cfg.env_name.replace("/", "_")
+    base = root / env_part / cfg.agent_name / f"{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.run.seed}"
+    folder, k = base, 1
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=False)
+            break
+        except FileExistsError:
+            folder, k = base.with_name(f"{base.name}-{k}"), k + 1
+    (folder / "checkpoints").mkdir()
+    write_text_atomic(folder / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(folder / "versions.json", json.dumps(versions(), indent=2))
+    return folder
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: str = "cpu") -> dict:
+    """Load without executing pickled code (``weights_only=True``); a corrupt file is a UserError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}; give a run folder that has checkpoints/last.pt")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated / foreign files
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); resume from an intact run or delete it") from None

@@ -1,0 +1,166 @@
+"""The one training loop every agent runs, and deterministic / stochastic evaluation.
+
+config -> VecEnv -> agent.collect (shared buffer) -> agent.update -> logger -> eval -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rl_align.agents import get_agent_class
+from rl_align.agents.base import Agent, EpisodeTracker
+from rl_align.envs import EnvConfig, Oracle, make_vec_env
+from rl_align.errors import UserError
+from rl_align.logger import Logger, Progress
+from rl_align.runs import RunConfig, create_run_folder, save_checkpoint, write_text_atomic
+
+
+class TrainingDiverged(UserError):
+    """A loss or parameter became NaN/Inf; the last good checkpoint is kept."""
+
+
+def build_agent(cfg: RunConfig) -> tuple[Agent, object]:
+    """Env + oracle + agent for ``cfg`` (nothing written to disk)."""
+    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("run.device=cuda but PyTorch sees no CUDA device; use run.device=cpu")
+    torch.set_num_threads(cfg.run.torch_threads)
+    env = make_vec_env(cfg.env, cfg.agent.n_envs, seed=cfg.run.seed)
+    oracle = Oracle(cfg.env.oracle, seed=cfg.run.seed + 7919)
+    agent = get_agent_class(cfg.algo)(cfg.agent, env, seed=cfg.run.seed, device=cfg.run.device, oracle=oracle)
+    agent.total_steps = cfg.run.steps
+    return agent, env
+
+
+def evaluate(agent: Agent, env_config: EnvConfig, episodes: int, seed: int, deterministic: bool = True) -> dict[str, np.ndarray]:
+    """Run ``episodes`` full episodes on fresh envs (seeds ``seed + i``), batched; per-episode
+    ``return``, ``cost``, ``length`` arrays. The agent's normalizer is used frozen."""
+    out = {"return": [], "cost": [], "length": []}
+    done_eps = 0
+    while done_eps < episodes:
+        n = min(16, episodes - done_eps)
+        env = make_vec_env(env_config, n, seed=seed + done_eps)
+        obs = env.reset()
+        alive = np.ones(n, bool)
+        ret, cost, length = np.zeros(n), np.zeros(n), np.zeros(n, int)
+        gen_state = agent.act_rng.bit_generator.state
+        actor = agent.actor()
+        while alive.any():
+            step = env.step(agent.act(obs, deterministic=deterministic, actor=actor))
+            ret += step.rewards * alive
+            cost += step.costs * alive
+            length += alive
+            alive &= ~(step.terminated | step.truncated)
+            obs = step.obs
+        agent.act_rng.bit_generator.state = gen_state  # evaluation never shifts the training random stream
+        env.close()
+        out["return"] += list(ret)
+        out["cost"] += list(cost)
+        out["length"] += list(length)
+        done_eps += n
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def eval_metrics(agent: Agent, cfg: RunConfig) -> dict[str, float]:
+    """``eval/`` scalars: deterministic and stochastic return, episode cost and violation."""
+    m: dict[str, float] = {}
+    for mode, det in (("det", True), ("stoch", False)):
+        res = evaluate(agent, cfg.env, cfg.run.eval_episodes, seed=cfg.run.seed + 100_000, deterministic=det)
+        m[f"eval/return_{mode}"] = float(res["return"].mean())
+        m[f"eval/return_{mode}_std"] = float(res["return"].std())
+        m[f"eval/cost_{mode}"] = float(res["cost"].mean())
+    m["eval/violation"] = max(0.0, m["eval/cost_det"] - cfg.env.cost.limit)
+    m["eval/length"] = float(res["length"].mean())
+    if hasattr(agent, "eval_extra"):
+        m.update(agent.eval_extra(cfg))
+    return m
+
+
+def check_finite(agent: Agent, metrics: dict[str, float], step: int) -> None:
+    for k, v in metrics.items():
+        if isinstance(v, float) and not math.isfinite(v) and not k.startswith(("train/explained_variance", "pl/")):
+            raise TrainingDiverged(f"{k} became {v} at env step {step}; lower agent.lr or check the config (last good checkpoint kept)")
+    for name, module in agent.modules().items():
+        for pname, p in getattr(module, "named_parameters", lambda: [])():
+            if not torch.isfinite(p).all():
+                raise TrainingDiverged(f"parameter {name}.{pname} became NaN/Inf at env step {step}; lower agent.lr (last good checkpoint kept)")
+
+
+def train(cfg: RunConfig, folder: Path | None = None, quiet: bool = False) -> tuple[Path, dict]:
+    """Train ``cfg`` into a new run folder (or ``folder``); returns ``(folder, summary)``.
+    Everything that can fail on bad input is built before the folder is made."""
+    agent, env = build_agent(cfg)
+    if hasattr(agent, "prepare"):
+        agent.prepare(cfg)
+    folder = create_run_folder(cfg) if folder is None else Path(folder)
+    logger = Logger(folder)
+    run = cfg.run
+    ckpt_every = run.checkpoint_every or max(1, run.steps // 10)
+    progress = Progress(run.steps, start=agent.env_steps, enabled=run.progress and not quiet)
+    t_start = time.perf_counter()
+    history: deque = deque(maxlen=100)
+    agent.episode_history = history
+    tracker = EpisodeTracker(env.n_envs)
+    first_eval = eval_metrics(agent, cfg)
+    logger.record_dict(first_eval)
+    logger.dump(0)
+    next_eval = run.eval_every or run.steps + 1
+    next_ckpt = ckpt_every
+    obs = env.reset()
+    iteration = 0
+    try:
+        while agent.env_steps < run.steps:
+            t0 = time.perf_counter()
+            obs = agent.collect(env, obs, tracker)
+            t_collect = time.perf_counter() - t0
+            agent.last_episodes = tracker.pop()
+            history.extend(agent.last_episodes)
+            metrics = agent.update()
+            iteration += 1
+            check_finite(agent, metrics, agent.env_steps)
+            dt = time.perf_counter() - t0
+            steps_it = agent.buffer.T * agent.buffer.N
+            logger.record_dict(metrics)
+            logger.record("time/sps", steps_it / dt)
+            logger.record("time/collect_fraction", t_collect / dt)
+            if agent.last_episodes:
+                eps = np.asarray(agent.last_episodes)
+                logger.record("rollout/ep_return", eps[:, 0].mean())
+                logger.record("rollout/ep_cost", eps[:, 1].mean())
+                logger.record("rollout/ep_length", eps[:, 2].mean())
+            if agent.env_steps >= next_eval:
+                logger.record_dict(eval_metrics(agent, cfg))
+                next_eval += run.eval_every
+            logger.dump(agent.env_steps)
+            if agent.env_steps >= next_ckpt:
+                save_checkpoint(folder / "checkpoints" / "last.pt", agent.state_dict())
+                next_ckpt += ckpt_every
+            recent = np.asarray(history) if history else None
+            progress.update(
+                agent.env_steps,
+                **{"return": recent[-10:, 0].mean() if recent is not None else None,
+                   "cost": recent[-10:, 1].mean() if recent is not None else None},
+            )
+    finally:
+        progress.close()
+        env.close()
+    final = eval_metrics(agent, cfg)
+    logger.record_dict(final)
+    logger.dump(agent.env_steps)
+    logger.close()
+    save_checkpoint(folder / "checkpoints" / "last.pt", agent.state_dict())
+    wall = time.perf_counter() - t_start
+    summary = {
+        "env": cfg.env_name, "agent": cfg.agent_name, "algo": cfg.algo, "seed": run.seed,
+        "env_steps": agent.env_steps, "wall_time_s": wall, "iterations": iteration,
+        "initial": first_eval, "final": final,
+        "queries_used": agent.oracle.queries if agent.oracle is not None else 0,
+    }
+    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2))
+    return folder, summary

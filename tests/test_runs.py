@@ -1,0 +1,64 @@
+"""Run folders, checkpoints, determinism, and PPO learning on a real MuJoCo task."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from rl_align.errors import UserError
+from rl_align.runs import create_run_folder, load_checkpoint, load_run_config, resolve_config
+from rl_align.train import train
+
+TINY = ["agent.n_steps=256", "run.eval_episodes=2", "env.max_episode_steps=100", "run.progress=false"]
+
+
+def tiny_run(run_dir, steps=512, seed=0, extra=()):
+    cfg = resolve_config("halfcheetah", "ppo", [*TINY, run_dir, *extra], steps=steps, seed=seed)
+    return train(cfg, quiet=True)
+
+
+def test_run_folder_holds_everything(run_dir):
+    folder, summary = tiny_run(run_dir)
+    assert folder.parts[-3:-1] == ("halfcheetah", "ppo") and folder.name.endswith("-s0")
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    assert cfg["run"]["seed"] == 0 and cfg["agent"]["n_steps"] == 256 and cfg["env"]["task"] == "HalfCheetah-v5"
+    assert "torch" in json.loads((folder / "versions.json").read_text())
+    assert list((folder / "tb").glob("events.out.tfevents.*"))
+    header = (folder / "progress.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "train/policy_loss", "eval/return_det", "time/sps"} <= set(header)
+    assert json.loads((folder / "summary.json").read_text())["env_steps"] == 512 == summary["env_steps"]
+    state = load_checkpoint(folder)
+    assert state["env_steps"] == 512
+    assert load_run_config(folder).agent.n_steps == 256
+
+
+def test_existing_folder_is_never_reused(run_dir):
+    cfg = resolve_config("halfcheetah", "ppo", [*TINY, run_dir])
+    a, b = create_run_folder(cfg), create_run_folder(cfg)
+    assert a != b and a.exists() and b.exists()
+
+
+def test_same_seed_same_numbers(run_dir):
+    _, s1 = tiny_run(run_dir, seed=3)
+    _, s2 = tiny_run(run_dir, seed=3)
+    _, s3 = tiny_run(run_dir, seed=4)
+    assert s1["final"] == s2["final"]
+    assert s1["final"] != s3["final"]
+
+
+def test_corrupt_checkpoint_is_a_one_line_user_error(run_dir):
+    folder, _ = tiny_run(run_dir, steps=256)
+    ckpt = folder / "checkpoints" / "last.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_checkpoint(folder)
+
+
+def test_ppo_raises_inverted_pendulum_return(run_dir):
+    cfg = resolve_config("inverted-pendulum", "ppo", [run_dir, "run.eval_episodes=5", "run.progress=false"], steps=16384, seed=0)
+    _, summary = train(cfg, quiet=True)
+    before, after = summary["initial"]["eval/return_det"], summary["final"]["eval/return_det"]
+    assert before < 100 and after > 5 * before and after > 300, (before, after)
