@@ -63,11 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list env and agent presets", description="List env and agent presets with their descriptions.")
     p.set_defaults(func=_list)
 
-    for module in ("rl_align.games.cli",):
+    # each tool module contributes its own sub-command(s) through ``add_parser(sub)``
+    for module in ("rl_align.evaluation", "rl_align.sweep", "rl_align.report", "rl_align.tournament", "rl_align.games.cli"):
         try:
             __import__(module, fromlist=["add_parser"]).add_parser(sub)
         except ModuleNotFoundError as exc:
-            if not (exc.name or "").startswith(module.rsplit(".", 1)[0]):
+            if not (exc.name == module or module.startswith(f"{exc.name}.")):
                 raise
     return parser
 
