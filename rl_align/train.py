@@ -10,6 +10,7 @@ import math
 import time
 from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -65,6 +66,44 @@ def evaluate(agent: Agent, env_config: EnvConfig, episodes: int, seed: int, dete
         out["length"] += list(length)
         done_eps += n
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def rollout_segments(agent: Agent, env_config: EnvConfig, episodes: int, H: int, seed: int, deterministic: bool = False) -> dict[tuple[int, int], dict]:
+    """Windows of ``H`` steps from ``episodes`` fresh episodes (env seeds ``seed + i``), keyed by
+    ``(episode, window)`` so two policies' segments can be matched; windows end before termination.
+    Each value holds ``obs`` (raw), ``actions``, ``rewards``, ``costs``, ``features`` for that window."""
+    env = make_vec_env(env_config, episodes, seed=seed)
+    obs = env.reset()
+    alive = np.ones(episodes, bool)
+    rec = {k: [] for k in ("obs", "actions", "rewards", "costs", "features")}
+    steps = np.zeros(episodes, int)
+    gen_state = agent.act_rng.bit_generator.state
+    actor = agent.actor()
+    while alive.any():
+        action = agent.act(obs, deterministic=deterministic, actor=actor)
+        step = env.step(action)
+        for k, v in (("obs", obs), ("actions", action), ("rewards", step.rewards), ("costs", step.costs), ("features", step.features)):
+            rec[k].append(np.asarray(v))
+        steps += alive
+        alive &= ~(step.terminated | step.truncated)
+        obs = step.obs
+    agent.act_rng.bit_generator.state = gen_state
+    env.close()
+    arr = {k: np.stack(v, axis=1) for k, v in rec.items()}  # [episodes, T, ...]
+    return {(e, w): {k: a[e, w * H:(w + 1) * H] for k, a in arr.items()} for e in range(episodes) for w in range(steps[e] // H)}
+
+
+def win_rate(agent: Agent, other: Agent, env_config: EnvConfig, oracle: Oracle, episodes: int, H: int, seed: int,
+             deterministic: bool = False) -> float:
+    """Mean ``P(segment of agent > matched segment of other)`` under ``oracle`` (no label noise, no query
+    spent): both play the same env seeds, windows matched by episode and position."""
+    a = rollout_segments(agent, env_config, episodes, H, seed, deterministic)
+    b = rollout_segments(other, env_config, episodes, H, seed, deterministic)
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return float("nan")
+    stack = lambda segs: SimpleNamespace(**{k: np.stack([segs[key][k] for key in keys]) for k in segs[keys[0]]})  # noqa: E731
+    return float(oracle.preference_prob(stack(a), stack(b)).mean())
 
 
 def eval_metrics(agent: Agent, cfg: RunConfig) -> dict[str, float]:
@@ -129,6 +168,7 @@ def train(cfg: RunConfig, folder: Path | None = None, quiet: bool = False) -> tu
             logger.record_dict(metrics)
             logger.record("time/sps", steps_it / dt)
             logger.record("time/collect_fraction", t_collect / dt)
+            logger.record("rollout/x_velocity", float(agent.buffer.features[..., 0].mean()))
             if agent.last_episodes:
                 eps = np.asarray(agent.last_episodes)
                 logger.record("rollout/ep_return", eps[:, 0].mean())

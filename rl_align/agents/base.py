@@ -76,6 +76,7 @@ class Agent:
         self.env_steps = 0
         self.total_steps = 1  # set by the trainer, for the learning-rate schedule
         self.updates = 0
+        self.freeze_obs_rms = False  # preference agents see states through pi_ref's frozen normalizer
 
     # ---- acting ---------------------------------------------------------------------------------
     def normalize(self, raw_obs: np.ndarray) -> np.ndarray:
@@ -98,7 +99,7 @@ class Agent:
         Log-probs are of the unclipped sample; the env gets the action clipped to its bounds."""
         buf, actor = self.buffer, self.actor()
         for t in range(buf.T):
-            if self.config.normalize_obs:
+            if self.config.normalize_obs and not self.freeze_obs_rms:
                 self.obs_rms.update(raw_obs)
             obs = self.normalize(raw_obs)
             action, buf.logp[t] = actor.sample(obs, self.act_rng)

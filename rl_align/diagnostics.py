@@ -1,0 +1,110 @@
+"""PL-gap and curvature diagnostics for any agent with a scalar objective ``f`` to maximize.
+
+DESIGN.md, "PL-gap diagnostics": on the current batch before the update, ``f`` and ``||grad f||^2``;
+``f_star`` (user-given, else the best ``f`` seen), ``gap = f_star - f`` and the PL ratio
+``mu_hat = ||grad f||^2 / (2 gap)`` with its running minimum (the PL condition with constant mu holds
+along the run iff ``mu_hat >= mu``); every ``curvature_every`` measurements the largest and smallest
+Hessian eigenvalues of ``f`` by Lanczos on Hessian-vector products (``lambda_max > 0``: not concave).
+All scalars are returned under ``pl/``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+Objective = Callable[[], torch.Tensor]
+
+
+def flat_grad(f: torch.Tensor, params: list[torch.nn.Parameter], create_graph: bool = False) -> torch.Tensor:
+    grads = torch.autograd.grad(f, params, create_graph=create_graph, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def lanczos_extremes(hvp: Callable[[torch.Tensor], torch.Tensor], dim: int, iters: int = 20, seed: int = 0) -> tuple[float, float]:
+    """Largest and smallest eigenvalue of a symmetric operator given as ``v -> H v`` (``dim`` entries):
+    ``iters`` Lanczos steps with full re-orthogonalization, then the Ritz values of the tridiagonal."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(iters, dim)
+    q = torch.randn(dim, generator=gen, dtype=torch.float64)
+    Q = [q / q.norm()]
+    alphas, betas = [], []
+    for i in range(k):
+        w = hvp(Q[i].float()).double()
+        alphas.append(float(w @ Q[i]))
+        for qj in Q:  # full re-orthogonalization: a few dozen vectors, cheap, and keeps Ritz values honest
+            w = w - (w @ qj) * qj
+        beta = float(w.norm())
+        if i == k - 1 or beta < 1e-10:
+            break
+        betas.append(beta)
+        Q.append(w / beta)
+    T = np.diag(alphas) + np.diag(betas[: len(alphas) - 1], 1) + np.diag(betas[: len(alphas) - 1], -1)
+    ev = np.linalg.eigvalsh(T)
+    return float(ev[-1]), float(ev[0])
+
+
+def hessian_extremes(objective: Objective, params: list[torch.nn.Parameter], iters: int = 20, seed: int = 0) -> tuple[float, float]:
+    """``(lambda_max, lambda_min)`` of the Hessian of ``objective()`` in ``params`` (double backward)."""
+    f = objective()
+    g = flat_grad(f, params, create_graph=True)
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:  # H v = grad (g . v); the graph of g is kept across calls
+        hv = torch.autograd.grad(g @ v.to(g.device), params, retain_graph=True, allow_unused=True)
+        return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, params)]).detach().cpu()
+
+    return lanczos_extremes(hvp, g.numel(), iters, seed)
+
+
+@dataclass
+class DiagnosticsConfig:
+    every: int = 1  # measure f, ||grad f||^2, gap and PL ratio every this many updates (0: off)
+    curvature_every: int = 10  # Hessian eigenvalues every this many measurements (0: off)
+    lanczos_iters: int = 15
+    f_star: float | None = None  # known optimum of f; None: the best f seen so far
+    gap_eps: float = 1e-8  # PL ratio only where gap > eps
+
+
+class PLDiagnostics:
+    """Tracks ``f_star``, the PL ratio's running minimum, and measures on request."""
+
+    def __init__(self, config: DiagnosticsConfig) -> None:
+        self.config = config
+        self.best = -math.inf
+        self.min_ratio = math.inf
+        self.measurements = 0
+
+    def due(self, update_index: int) -> bool:
+        return self.config.every > 0 and update_index % self.config.every == 0
+
+    def measure(self, objective: Objective, params: list[torch.nn.Parameter]) -> dict[str, float]:
+        """``pl/`` scalars at the current parameters; ``objective()`` rebuilds ``f`` on a fixed batch."""
+        c = self.config
+        f = objective()
+        g = flat_grad(f, params)
+        fv, g2 = float(f.detach()), float(g @ g)
+        self.best = max(self.best, fv)
+        f_star = c.f_star if c.f_star is not None else self.best
+        gap = f_star - fv
+        out = {"pl/f": fv, "pl/grad_norm_sq": g2, "pl/f_star": f_star, "pl/gap": gap}
+        if gap > c.gap_eps:
+            ratio = g2 / (2 * gap)  # mu_hat = ||grad f||^2 / (2 (f* - f))
+            self.min_ratio = min(self.min_ratio, ratio)
+            out["pl/ratio"] = ratio
+        if math.isfinite(self.min_ratio):
+            out["pl/ratio_min"] = self.min_ratio
+        if c.curvature_every > 0 and self.measurements % c.curvature_every == 0:
+            lmax, lmin = hessian_extremes(objective, params, c.lanczos_iters, seed=self.measurements)
+            out["pl/lambda_max"], out["pl/lambda_min"] = lmax, lmin
+        self.measurements += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "min_ratio": self.min_ratio, "measurements": self.measurements}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.min_ratio, self.measurements = float(state["best"]), float(state["min_ratio"]), int(state["measurements"])
