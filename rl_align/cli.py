@@ -10,9 +10,16 @@ from rl_align.errors import UserError
 
 def _train(args: argparse.Namespace) -> int:
     from rl_align.runs import resolve_config
-    from rl_align.train import train
+    from rl_align.train import resume, train
 
-    cfg = resolve_config(args.env, args.agent, args.set, steps=args.steps, seed=args.seed)
+    if args.resume:
+        given = [f"--{k}" for k in ("env", "agent", "steps", "seed", "device", "set") if getattr(args, k)]
+        if given:
+            raise UserError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        folder, summary = resume(args.resume)
+        print_summary(folder, summary)
+        return 0
+    cfg = resolve_config(args.env or "halfcheetah", args.agent or "ppo", args.set, steps=args.steps, seed=args.seed)
     if args.device:
         cfg.run.device = args.device
     folder, summary = train(cfg)
@@ -51,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("train", help="train an agent on an env", description="Train an agent; writes a run folder under runs/<env>/<agent>/.")
-    p.add_argument("--env", default="halfcheetah", help="env preset name (rl-align list), a .yaml path, or a Gymnasium id like Hopper-v5")
-    p.add_argument("--agent", default="ppo", help="agent preset name (rl-align list) or a .yaml path")
+    p.add_argument("--env", default=None, help="env preset name (rl-align list), a .yaml path, or a Gymnasium id like Hopper-v5 (default halfcheetah)")
+    p.add_argument("--agent", default=None, help="agent preset name (rl-align list) or a .yaml path (default ppo)")
+    p.add_argument("--resume", default=None, metavar="RUN_FOLDER", help="continue an interrupted run from its last checkpoint (same config, same result)")
     p.add_argument("--steps", type=int, default=None, help="env steps to train (default: the preset's run.steps)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
@@ -76,8 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from rl_align.train import Interrupted
+
     try:
         return int(args.func(args) or 0)
+    except Interrupted as exc:
+        print(f"rl-align: interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except UserError as exc:
         print(f"rl-align: error: {exc}", file=sys.stderr)
         return 2

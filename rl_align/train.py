@@ -5,8 +5,12 @@ config -> VecEnv -> agent.collect (shared buffer) -> agent.update -> logger -> e
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import signal
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -20,7 +24,7 @@ from rl_align.agents.base import Agent, EpisodeTracker
 from rl_align.envs import EnvConfig, Oracle, make_vec_env
 from rl_align.errors import UserError
 from rl_align.logger import Logger, Progress
-from rl_align.runs import RunConfig, create_run_folder, save_checkpoint, write_text_atomic
+from rl_align.runs import RunConfig, create_run_folder, load_checkpoint, load_run_config, save_checkpoint, write_text_atomic
 
 
 class TrainingDiverged(UserError):
@@ -131,12 +135,90 @@ def check_finite(agent: Agent, metrics: dict[str, float], step: int) -> None:
                 raise TrainingDiverged(f"parameter {name}.{pname} became NaN/Inf at env step {step}; lower agent.lr (last good checkpoint kept)")
 
 
-def train(cfg: RunConfig, folder: Path | None = None, quiet: bool = False) -> tuple[Path, dict]:
-    """Train ``cfg`` into a new run folder (or ``folder``); returns ``(folder, summary)``.
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM arrived: the current iteration was finished, a checkpoint written, logs flushed."""
+
+    def __init__(self, signum: int, folder: Path, step: int) -> None:
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at env step {step:,}: checkpoint written; continue with: rl-align train --resume {folder}")
+
+
+class StopSignals:
+    """While active (main thread only), SIGINT / SIGTERM set ``signum`` instead of killing the process;
+    the loop checks it at each iteration boundary. A second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _loop_checkpoint(folder: Path, agent: Agent, env, obs: np.ndarray, tracker: EpisodeTracker, loop: dict) -> None:
+    """Agent state plus everything the loop needs to continue exactly: env state and observations, torch
+    RNG, episode tracker, eval/checkpoint counters. Written only at iteration boundaries."""
+    state = agent.state_dict()
+    state["loop"] = {
+        **loop, "env": env.get_state(), "obs": torch.as_tensor(obs), "torch_rng": torch.get_rng_state(),
+        "tracker": {"ret": torch.as_tensor(tracker.ret), "cost": torch.as_tensor(tracker.cost), "len": torch.as_tensor(tracker.len)},
+        "arrays": {k: torch.as_tensor(v) for k, v in vars(agent).items() if isinstance(v, np.ndarray) and k not in ("act_low", "act_high")},
+    }
+    save_checkpoint(folder / "checkpoints" / "last.pt", state)
+
+
+def _truncate_progress(path: Path, step: int) -> None:
+    """Drop CSV rows logged after the checkpoint (a hard kill between checkpoints) before appending."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        keys, rows = list(reader.fieldnames or []), [r for r in reader if float(r["step"]) <= step]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def resume(folder: Path, quiet: bool = False) -> tuple[Path, dict]:
+    """Continue the run in ``folder`` from ``checkpoints/last.pt``; a finished run returns its summary."""
+    folder = Path(folder)
+    if not (folder / "config.yaml").exists():
+        raise UserError(f"{folder} is not a run folder (no config.yaml); give the folder `rl-align train` printed")
+    if (folder / "summary.json").exists():
+        return folder, json.loads((folder / "summary.json").read_text())
+    cfg = load_run_config(folder)
+    return train(cfg, folder=folder, quiet=quiet, resume=True)
+
+
+def train(cfg: RunConfig, folder: Path | None = None, quiet: bool = False, resume: bool = False) -> tuple[Path, dict]:
+    """Train ``cfg`` into a new run folder (or ``folder``); returns ``(folder, summary)``. With
+    ``resume``, continue ``folder`` from its last checkpoint exactly as if never stopped.
     Everything that can fail on bad input is built before the folder is made."""
     agent, env = build_agent(cfg)
     if hasattr(agent, "prepare"):
         agent.prepare(cfg)
+    saved = None
+    if resume:
+        saved = load_checkpoint(folder)
+        if "loop" not in saved:
+            raise UserError(f"{folder}/checkpoints/last.pt holds no training-loop state (not written by an interruptible run); start a new run")
+        agent.load_state_dict(saved)
+        _truncate_progress(Path(folder) / "progress.csv", agent.env_steps)
     folder = create_run_folder(cfg) if folder is None else Path(folder)
     logger = Logger(folder)
     run = cfg.run
@@ -146,47 +228,69 @@ def train(cfg: RunConfig, folder: Path | None = None, quiet: bool = False) -> tu
     history: deque = deque(maxlen=100)
     agent.episode_history = history
     tracker = EpisodeTracker(env.n_envs)
-    first_eval = eval_metrics(agent, cfg)
-    logger.record_dict(first_eval)
-    logger.dump(0)
-    next_eval = run.eval_every or run.steps + 1
-    next_ckpt = ckpt_every
     obs = env.reset()
-    iteration = 0
+    if saved is None:
+        first_eval = eval_metrics(agent, cfg)
+        logger.record_dict(first_eval)
+        logger.dump(0)
+        loop = {"next_eval": run.eval_every or run.steps + 1, "next_ckpt": ckpt_every, "iteration": 0,
+                "first_eval": first_eval, "wall_time_s": 0.0, "history": []}
+    else:
+        loop = {k: saved["loop"][k] for k in ("next_eval", "next_ckpt", "iteration", "first_eval", "wall_time_s", "history")}
+        history.extend(tuple(e) for e in loop["history"])
+        first_eval = loop["first_eval"]
+        if saved["loop"]["env"] is not None:
+            env.set_state(saved["loop"]["env"])
+            obs = saved["loop"]["obs"].numpy().copy()
+        tracker.ret, tracker.cost, tracker.len = (saved["loop"]["tracker"][k].numpy().copy() for k in ("ret", "cost", "len"))
+        for k, v in saved["loop"]["arrays"].items():
+            setattr(agent, k, v.numpy().copy())
+        torch.set_rng_state(saved["loop"]["torch_rng"])
+    wall_before = loop["wall_time_s"]
+
+    def checkpoint() -> None:
+        loop.update(history=list(history), wall_time_s=wall_before + time.perf_counter() - t_start)
+        _loop_checkpoint(folder, agent, env, obs, tracker, loop)
+
     try:
-        while agent.env_steps < run.steps:
-            t0 = time.perf_counter()
-            obs = agent.collect(env, obs, tracker)
-            t_collect = time.perf_counter() - t0
-            agent.last_episodes = tracker.pop()
-            history.extend(agent.last_episodes)
-            metrics = agent.update()
-            iteration += 1
-            check_finite(agent, metrics, agent.env_steps)
-            dt = time.perf_counter() - t0
-            steps_it = agent.buffer.T * agent.buffer.N
-            logger.record_dict(metrics)
-            logger.record("time/sps", steps_it / dt)
-            logger.record("time/collect_fraction", t_collect / dt)
-            logger.record("rollout/x_velocity", float(agent.buffer.features[..., 0].mean()))
-            if agent.last_episodes:
-                eps = np.asarray(agent.last_episodes)
-                logger.record("rollout/ep_return", eps[:, 0].mean())
-                logger.record("rollout/ep_cost", eps[:, 1].mean())
-                logger.record("rollout/ep_length", eps[:, 2].mean())
-            if agent.env_steps >= next_eval:
-                logger.record_dict(eval_metrics(agent, cfg))
-                next_eval += run.eval_every
-            logger.dump(agent.env_steps)
-            if agent.env_steps >= next_ckpt:
-                save_checkpoint(folder / "checkpoints" / "last.pt", agent.state_dict())
-                next_ckpt += ckpt_every
-            recent = np.asarray(history) if history else None
-            progress.update(
-                agent.env_steps,
-                **{"return": recent[-10:, 0].mean() if recent is not None else None,
-                   "cost": recent[-10:, 1].mean() if recent is not None else None},
-            )
+        with StopSignals() as stop:
+            while agent.env_steps < run.steps:
+                t0 = time.perf_counter()
+                obs = agent.collect(env, obs, tracker)
+                t_collect = time.perf_counter() - t0
+                agent.last_episodes = tracker.pop()
+                history.extend(agent.last_episodes)
+                metrics = agent.update()
+                loop["iteration"] += 1
+                check_finite(agent, metrics, agent.env_steps)
+                dt = time.perf_counter() - t0
+                steps_it = agent.buffer.T * agent.buffer.N
+                logger.record_dict(metrics)
+                logger.record("time/sps", steps_it / dt)
+                logger.record("time/collect_fraction", t_collect / dt)
+                logger.record("rollout/x_velocity", float(agent.buffer.features[..., 0].mean()))
+                if agent.last_episodes:
+                    eps = np.asarray(agent.last_episodes)
+                    logger.record("rollout/ep_return", eps[:, 0].mean())
+                    logger.record("rollout/ep_cost", eps[:, 1].mean())
+                    logger.record("rollout/ep_length", eps[:, 2].mean())
+                if agent.env_steps >= loop["next_eval"]:
+                    logger.record_dict(eval_metrics(agent, cfg))
+                    loop["next_eval"] += run.eval_every
+                logger.dump(agent.env_steps)
+                if agent.env_steps >= loop["next_ckpt"]:
+                    loop["next_ckpt"] += ckpt_every
+                    checkpoint()
+                if stop.signum is not None:
+                    checkpoint()
+                    logger.close()
+                    raise Interrupted(stop.signum, folder, agent.env_steps)
+                recent = np.asarray(history) if history else None
+                progress.update(
+                    agent.env_steps,
+                    **{"return": recent[-10:, 0].mean() if recent is not None else None,
+                       "cost": recent[-10:, 1].mean() if recent is not None else None},
+                )
     finally:
         progress.close()
         env.close()
@@ -194,11 +298,12 @@ def train(cfg: RunConfig, folder: Path | None = None, quiet: bool = False) -> tu
     logger.record_dict(final)
     logger.dump(agent.env_steps)
     logger.close()
-    save_checkpoint(folder / "checkpoints" / "last.pt", agent.state_dict())
-    wall = time.perf_counter() - t_start
+    loop["finished"] = True
+    checkpoint()
+    wall = wall_before + time.perf_counter() - t_start
     summary = {
         "env": cfg.env_name, "agent": cfg.agent_name, "algo": cfg.algo, "seed": run.seed,
-        "env_steps": agent.env_steps, "wall_time_s": wall, "iterations": iteration,
+        "env_steps": agent.env_steps, "wall_time_s": wall, "iterations": loop["iteration"],
         "initial": first_eval, "final": final,
         "queries_used": agent.oracle.queries if agent.oracle is not None else 0,
     }

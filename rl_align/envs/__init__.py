@@ -136,11 +136,60 @@ class VecEnv:
             final_obs[i] = info["final_obs"][i]
         return VecStep(obs.astype(np.float32), rewards.astype(np.float64), costs, features, terminated, truncated, final_obs)
 
+    def get_state(self) -> list[dict] | None:
+        """Everything that decides the envs' future, per env: the MuJoCo integration state (qpos, qvel,
+        act, warm start, time, ...), the time-limit counter and the reset noise generator; with the
+        current observations and a matching ``set_state`` it makes a resumed run step exactly as an
+        uninterrupted one. None for ``vectorization: async`` (the envs live in subprocesses)."""
+        if self.async_env is not None:
+            return None
+        import mujoco
+
+        out = []
+        for env in self.envs:
+            base = env.unwrapped
+            spec = mujoco.mjtState.mjSTATE_INTEGRATION
+            state = np.empty(mujoco.mj_stateSize(base.model, spec))
+            mujoco.mj_getState(base.model, base.data, state, spec)
+            out.append({"mj_state": state.tolist(), "elapsed_steps": _find_attr(env, "_elapsed_steps"),
+                        "np_random": base.np_random.bit_generator.state})
+        return out
+
+    def set_state(self, states: list[dict]) -> None:
+        """Restore :meth:`get_state` (call after ``reset``, which the wrappers require once)."""
+        import mujoco
+
+        if self.async_env is not None or len(states) != self.n_envs:
+            raise UserError(f"the checkpoint holds the state of {len(states)} sync envs; the config asks for {self.n_envs} "
+                            f"{self.config.vectorization} envs")
+        for env, st in zip(self.envs, states):
+            base = env.unwrapped
+            mujoco.mj_setState(base.model, base.data, np.asarray(st["mj_state"], dtype=np.float64), mujoco.mjtState.mjSTATE_INTEGRATION)
+            mujoco.mj_forward(base.model, base.data)
+            _set_attr(env, "_elapsed_steps", st["elapsed_steps"])
+            base.np_random.bit_generator.state = st["np_random"]
+
     def close(self) -> None:
         for env in self.envs:
             env.close()
         if self.async_env is not None:
             self.async_env.close()
+
+
+def _find_attr(env: gym.Env, name: str):
+    while env is not None:
+        if name in vars(env):
+            return vars(env)[name]
+        env = getattr(env, "env", None)
+    return None
+
+
+def _set_attr(env: gym.Env, name: str, value) -> None:
+    while env is not None:
+        if name in vars(env):
+            setattr(env, name, value)
+            return
+        env = getattr(env, "env", None)
 
 
 def make_vec_env(config: EnvConfig | str, n_envs: int = 1, seed: int = 0) -> VecEnv:
