@@ -30,7 +30,7 @@ def _train(args: argparse.Namespace) -> int:
 def print_summary(folder, summary: dict) -> None:
     """What the run achieved and where its logs are."""
     i, f = summary["initial"], summary["final"]
-    print(f"\n{summary['algo']} on {summary['env']} (seed {summary['seed']}): {summary['env_steps']:,} env steps in {summary['wall_time_s']:.0f} s")
+    print(f"\n{summary['agent']} on {summary['env']} (seed {summary['seed']}): {summary['env_steps']:,} env steps in {summary['wall_time_s']:.0f} s")
     print(f"  return (deterministic) {i['eval/return_det']:9.1f} -> {f['eval/return_det']:9.1f}")
     print(f"  return (stochastic)    {i['eval/return_stoch']:9.1f} -> {f['eval/return_stoch']:9.1f}")
     print(f"  episode cost           {i['eval/cost_det']:9.1f} -> {f['eval/cost_det']:9.1f}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from rl_align.agents.lagrangian import ConstraintConfig, Lagrangian
 from rl_align.buffer import RolloutBuffer
 from rl_align.envs import VecEnv
 from rl_align.errors import UserError
@@ -34,6 +35,7 @@ class AgentConfig:
     clip: float = 0.2
     max_grad_norm: float = 0.5
     normalize_obs: bool = True
+    constraint: ConstraintConfig = field(default_factory=ConstraintConfig)  # the Lagrangian layer (method: none | pd | pid | opd)
 
     def __post_init__(self) -> None:
         for k in ("n_envs", "n_steps", "epochs", "minibatch"):
@@ -73,6 +75,7 @@ class Agent:
         self.rng = np.random.default_rng(seed)
         self.act_rng = np.random.default_rng(seed + 1)  # action noise: its own stream
         self.optimizer = torch.optim.Adam(list(self.policy.parameters()) + list(self.value.parameters()), lr=c.lr, eps=1e-5, **adam_kwargs(self.device))
+        self.lagrangian = Lagrangian(c.constraint, self) if c.constraint.method != "none" else None
         self.env_steps = 0
         self.total_steps = 1  # set by the trainer, for the learning-rate schedule
         self.updates = 0
@@ -152,6 +155,8 @@ class Agent:
         mods = {"policy": self.policy, "value": self.value, "obs_rms": self.obs_rms}
         if self.cost_value is not None:
             mods["cost_value"] = self.cost_value
+        if self.lagrangian is not None:
+            mods["lagrangian"] = self.lagrangian
         return mods
 
     def state_dict(self) -> dict:

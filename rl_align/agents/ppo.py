@@ -52,7 +52,6 @@ class PPO(Agent):
         super().__init__(*args, **kwargs)
         self.ret_rms = RunningMeanStd(())
         self.ret_acc = np.zeros(self.buffer.N)  # running discounted return per env, for reward scaling
-        self.lagrangian = None  # the constrained layer (rl_align.agents.lagrangian) when configured
 
     def modules(self) -> dict:
         return {**super().modules(), "ret_rms": self.ret_rms}
@@ -80,7 +79,8 @@ class PPO(Agent):
     def update(self) -> dict[str, float]:
         c, buf = self.config, self.buffer
         lr = self.set_lr()
-        buf.compute_gae(c.gamma, c.gae_lambda, rewards=self.training_rewards())
+        self.gae_rewards = self.training_rewards()
+        buf.compute_gae(c.gamma, c.gae_lambda, rewards=self.gae_rewards)
         metrics: dict[str, float] = {}
         if self.lagrangian is not None:
             metrics.update(self.lagrangian.before_update(self))

@@ -112,7 +112,6 @@ class SAIL(Agent):
         if self.oracle is None:
             raise UserError("SAIL learns from preference labels: the env needs an oracle section")
         self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False)  # pi_ref; `init` until prepare()
-        self.lagrangian = None  # the constrained layer (rl_align.agents.lagrangian) when configured
         c = self.config
         self.diagnostics = PLDiagnostics(DiagnosticsConfig(every=c.diag_every, curvature_every=c.curvature_every, f_star=c.f_star))
         self._eval_oracle = None
@@ -191,7 +190,8 @@ class SAIL(Agent):
         lr = self.set_lr()
         metrics: dict[str, float] = {"train/queries_used": float(self.oracle.queries), "train/lr": lr}
         if self.lagrangian is not None:
-            self.buffer.compute_gae(c.gamma, c.gae_lambda)  # cost advantages for the cost surrogate
+            self.gae_rewards = np.zeros_like(self.buffer.costs)  # never the true reward: only cost advantages are used
+            self.buffer.compute_gae(c.gamma, c.gae_lambda, rewards=self.gae_rewards)
             metrics.update(self.lagrangian.before_update(self))
         b = self._batch()
         self.updates += 1
