@@ -38,7 +38,8 @@ class Trial:
     overrides: list[str]
     steps: int | None
     device: str | None
-    root: str  # trials/<trial>: the run folder is made under it
+    root: str  # trials/<trial>: the run folder is made under it (absolute: Ray workers have their own cwd)
+    out_dir: str = "runs"  # the config's run.out_dir, absolute: where cached references are found
 
     def settings_label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.settings.items()) or "base"
@@ -122,13 +123,14 @@ def expand(spec: SweepSpec, sweep_dir: Path) -> list[Trial]:
             names.add(name)
             env, agent = settings.get("env", spec.env), settings.get("agent", spec.agent)
             overrides = list(spec.sets) + [f"{k}={v}" for k, v in settings.items() if k not in PRESET_KEYS]
-            t = Trial(name, seed, settings, env, agent, overrides, spec.steps, spec.device, str(sweep_dir / "trials" / name))
+            t = Trial(name, seed, settings, env, agent, overrides, spec.steps, spec.device, str((sweep_dir / "trials" / name).resolve()))
             try:
                 cfg = resolve_config(t.env, t.agent, t.overrides, steps=t.steps, seed=seed)
                 if t.device:
                     cfg.run.device = t.device
             except UserError as exc:
                 raise UserError(f"trial {t.settings_label()} seed {seed}: {exc} (nothing was started)") from None
+            t.out_dir = str(Path(cfg.run.out_dir).resolve())
             trials.append(t)
     return trials
 
@@ -141,7 +143,7 @@ def find_run_folder(root: Path) -> Path | None:
 
 def run_trial(t: Trial) -> dict:
     """Run (or skip, or resume) one trial; never raises: failures come back as a row with the error."""
-    from rl_align.runs import load_checkpoint, resolve_config
+    from rl_align.runs import create_run_folder, load_checkpoint, resolve_config
     from rl_align.train import Interrupted, resume, train
 
     row = {"trial": t.trial, "seed": t.seed, **t.settings, "status": "failed", "error": "", "run_folder": ""}
@@ -153,10 +155,12 @@ def run_trial(t: Trial) -> dict:
             folder, summary = resume(folder, quiet=True)
         else:
             cfg = resolve_config(t.env, t.agent, t.overrides, steps=t.steps, seed=t.seed)
-            cfg.run.out_dir, cfg.run.progress = t.root, False
+            # run.out_dir stays where cached references (runs/_refs) live, shared by all trials
+            cfg.run.out_dir, cfg.run.progress = t.out_dir, False
             if t.device:
                 cfg.run.device = t.device
-            folder, summary = train(cfg, quiet=True)
+            folder = create_run_folder(cfg, root=Path(t.root))
+            folder, summary = train(cfg, folder=folder, quiet=True)
         row.update(status="finished", **summary_metrics(summary))
     except Interrupted as exc:
         row.update(status="interrupted", error=str(exc), exit_code=exc.exit_code)
