@@ -1,0 +1,98 @@
+"""The theory lab's acceptance checks: exact games, constrained bandits, tabular SAIL landscapes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rl_align.cli import main
+from rl_align.errors import UserError
+from rl_align.games import bandit, tabular_sail
+from rl_align.games.matrix import COMAL3, COMAL3_START, nash, random_game, run, validate
+
+PAPER = dict(eta=0.3, tau=0.1, T=200, K=25, iters=5000)
+
+
+def test_paper_game_nash_is_computed_by_lp():
+    np.testing.assert_allclose(nash(COMAL3), [4 / 11, 3 / 11, 4 / 11], atol=1e-9)
+
+
+def test_paper_game_last_iterates():
+    res = {a: run(a, COMAL3, COMAL3_START, **PAPER) for a in ("md", "omwu", "mirror-prox", "inpo", "comal")}
+    assert res["comal"]["kl"][-1] < 1e-10
+    assert res["md"]["gap"][-1] > 0.5  # MD / MWU cycles away from the Nash policy
+    assert res["inpo"]["gap"][-1] > 0.01  # converges, but to the regularized equilibrium
+    assert res["omwu"]["gap"][-1] < 1e-3 and res["mirror-prox"]["gap"][-1] < 1e-3
+    assert len(res["comal"]["iterates"]) == 200 * 25 + 1
+
+
+def test_sample_based_methods_are_seeded_and_do_not_converge():
+    a = run("sppo", COMAL3, COMAL3_START, eta=0.3, iters=500, n=50, seed=1)
+    b = run("sppo", COMAL3, COMAL3_START, eta=0.3, iters=500, n=50, seed=1)
+    np.testing.assert_array_equal(a["iterates"], b["iterates"])
+    assert a["gap"][-1] > 0.1
+    d = run("dpo", COMAL3, COMAL3_START, tau=0.1, iters=20, n=50, seed=0)
+    assert d["gap"][-1] > 0.1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_comal_converges_on_random_intransitive_games_md_does_not(seed):
+    n = (5, 7, 9)[seed % 3]
+    A = random_game(n, seed)
+    star = nash(A)
+    assert star.min() > 0.01  # full-support equilibrium
+    assert (A @ star).max() - (star @ A).min() < 1e-8
+    start = np.full(n, 1 / n)
+    c = run("comal", A, start, eta=1.0, tau=0.2, T=400, K=25)
+    m = run("md", A, start, eta=1.0, iters=10_000)
+    assert c["kl"][-1] < c["kl"][0] / 10 and c["gap"][-1] < 0.01
+    assert m["gap"][-1] > 0.1 and m["kl"][-1] > m["kl"][0]
+
+
+def test_constrained_bandit_opd_converges_where_pd_oscillates():
+    r, c, d = np.array(bandit.DEFAULT_REWARDS), np.array(bandit.DEFAULT_COSTS), bandit.DEFAULT_BUDGET
+    pd = bandit.primal_dual(r, c, d, eta=0.1, iters=30_000)
+    opd = bandit.primal_dual(r, c, d, eta=0.1, iters=30_000, primal_optimism=True, dual_optimism=True)
+    assert opd["distance"][-1] < 1e-6
+    assert pd["distance"][-1] > 1e-2 and pd["distance"][-5000:].max() > 0.1  # still cycling at the end
+    star = bandit.lp_optimum(r, c, d)
+    assert star @ c == pytest.approx(d) and star @ r > r[c <= d].max()  # the optimum mixes arms on the budget line
+
+
+def test_tabular_sail_nonconcave_and_revkl_pl_linear_convergence():
+    A, ref = tabular_sail.bt_matrix(tabular_sail.DEFAULT_SCORES), np.array(tabular_sail.DEFAULT_REF)
+    sail = tabular_sail.run(A, ref, lam=0.0, iters=700, hessian_every=5)
+    assert sail["lambda_max"].max() > 0  # SAIL's objective is not concave along its run
+    rev = tabular_sail.run(A, ref, lam=1.0, iters=300, hessian_every=5)
+    assert np.nanmin(rev["pl_ratio"]) > 0.05  # PL ratio bounded away from zero
+    gap = rev["gap"]
+    live = np.flatnonzero(gap > 1e-11)
+    for t in range(0, live[-1] - 20, 20):  # linear convergence: a constant factor every 20 steps
+        assert gap[t + 20] < 0.5 * gap[t]
+    assert gap[150] < 1e-6
+
+
+@pytest.mark.parametrize("matrix, message", [
+    ([[0.5, 0.2, 0.3], [0.8, 0.5, 0.1]], "square"),
+    ([[0.5, 1.2], [-0.2, 0.5]], "outside"),
+    ([[0.5, 0.3], [0.6, 0.5]], "A \\+ A\\^T"),
+])
+def test_bad_matrices_are_user_errors(matrix, message):
+    with pytest.raises(UserError, match=message):
+        validate(np.asarray(matrix, dtype=float))
+
+
+def test_cli_game_from_file_with_plot_and_errors(tmp_path, capsys):
+    path = tmp_path / "my.json"
+    path.write_text(json.dumps(COMAL3.tolist()))
+    assert main(["game", "comal", "--matrix", str(path), "--start", "0.2,0.5,0.3", "--plot", str(tmp_path / "out.png"),
+                 "--csv", str(tmp_path / "out.csv")]) == 0
+    assert (tmp_path / "out.png").stat().st_size > 1000
+    assert len((tmp_path / "out.csv").read_text().splitlines()) == 200 * 25 + 2
+    assert "0.3636" in capsys.readouterr().out
+    bad = [(["game", "md", "--start", "0.5,0.6,0.2"], "simplex"), (["game", "md", "--start", "0,0.5,0.5"], "full support"),
+           (["game", "md", "--eta", "0"], "eta"), (["game", "omwu", "--matrix", str(tmp_path / "nope.csv")], "no matrix")]
+    for argv, msg in bad:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
