@@ -96,3 +96,41 @@ def test_cli_game_from_file_with_plot_and_errors(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("n, seed", [(6, 1), (8, 3), (10, 5)])
+def test_comal_reaches_an_equilibrium_on_even_sized_games(n, seed):
+    """Even sizes: a skew matrix has even rank, so full-support equilibria form a set; the gap decides."""
+    A = random_game(n, seed)
+    start = np.full(n, 1 / n)
+    c = run("comal", A, start, eta=1.0, tau=0.2, T=400, K=25)
+    m = run("md", A, start, eta=1.0, iters=10_000)
+    assert c["gap"][-1] < 0.01 and c["iterates"][-1].min() > 1e-3  # an interior (full-support) equilibrium
+    assert m["gap"][-1] > 0.1
+
+
+def test_game_help_documents_every_option():
+    import argparse
+
+    from rl_align.cli import build_parser
+
+    game = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["game"]
+    labs = next(a for a in game._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"md", "omwu", "mirror-prox", "inpo", "comal", "dpo", "ipo", "sppo", "bandit", "sail"} <= set(labs)
+    for name, parser in labs.items():
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"rl-align game {name} {action.option_strings[0]} has no help text"
+
+
+def test_cli_bandit_and_sail_write_csv(tmp_path, capsys):
+    assert main(["game", "bandit", "--variants", "pd,opd-dual-only", "--iters", "200", "--csv", str(tmp_path / "b.csv")]) == 0
+    lines = (tmp_path / "b.csv").read_text().splitlines()
+    assert lines[0] == "variant,iteration,distance,violation,multiplier" and len(lines) == 1 + 2 * 201
+    assert main(["game", "sail", "--coefs", "0,1", "--iters", "50", "--csv", str(tmp_path / "s.csv")]) == 0
+    assert len((tmp_path / "s.csv").read_text().splitlines()) == 3
+    for argv, msg in [(["game", "bandit", "--budget", "-1"], "budget"), (["game", "bandit", "--variants", "pd,x"], "variant"),
+                      (["game", "sail", "--coefs", "-1"], "coefs"), (["game", "bandit", "--rewards", "1,a"], "numbers")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1

@@ -27,7 +27,7 @@ def lp_optimum(r: np.ndarray, c: np.ndarray, d: float) -> np.ndarray:
     n = len(r)
     res = linprog(-r, A_ub=c[None], b_ub=[d], A_eq=np.ones((1, n)), b_eq=[1.0], bounds=[(0, None)] * n, method="highs")
     if not res.success:
-        raise UserError(f"the bandit LP is infeasible ({res.message}); raise the budget d above min(c) = {c.min()}")
+        raise UserError(f"no policy meets the budget d={d} (the cheapest arm costs {c.min():g}); raise d to at least min(c)")
     return res.x
 
 
@@ -42,6 +42,7 @@ def primal_dual(r, c, d, eta: float = 0.1, eta_dual: float | None = None, iters:
         raise UserError(f"step sizes must be > 0, got eta={eta}, eta_dual={eta_dual}")
     if iters < 1:
         raise UserError(f"iters must be >= 1, got {iters}")
+    star = lp_optimum(r, c, d)  # validates the budget before any iteration
     eta_dual = eta if eta_dual is None else eta_dual
     pi = np.full(len(r), 1 / len(r)) if start is None else np.asarray(start, float)
     lam, g_prev, h_prev = lam0, None, None
@@ -55,6 +56,5 @@ def primal_dual(r, c, d, eta: float = 0.1, eta_dual: float | None = None, iters:
         pis.append(pi)
         lams.append(lam)
     pis = np.asarray(pis)
-    star = lp_optimum(r, c, d)
     return {"iterates": pis, "lam": np.asarray(lams), "optimum": star, "distance": np.abs(pis - star).sum(1),
             "violation": np.maximum(pis @ c - d, 0.0)}

@@ -9,6 +9,9 @@ import numpy as np
 
 from rl_align.errors import UserError
 
+# Constrained-bandit variants: (primal optimism, dual optimism).
+BANDIT_VARIANTS = {"pd": (False, False), "opd": (True, True), "opd-primal-only": (True, False), "opd-dual-only": (False, True)}
+
 
 def _floats(text: str, what: str) -> np.ndarray:
     try:
@@ -24,6 +27,16 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"csv: {path}")
 
 
 def plot_matrix_runs(results: list[dict], out: Path) -> None:
@@ -86,13 +99,19 @@ def _bandit(args: argparse.Namespace) -> int:
     from rl_align.games.bandit import primal_dual
 
     r, c = _floats(args.rewards, "--rewards"), _floats(args.costs, "--costs")
-    runs = {"pd": primal_dual(r, c, args.budget, args.eta, iters=args.iters),
-            "opd": primal_dual(r, c, args.budget, args.eta, iters=args.iters, primal_optimism=True, dual_optimism=True),
-            "opd-primal-only": primal_dual(r, c, args.budget, args.eta, iters=args.iters, primal_optimism=True),
-            "opd-dual-only": primal_dual(r, c, args.budget, args.eta, iters=args.iters, dual_optimism=True)}
-    print(f"LP optimum: {np.array2string(runs['pd']['optimum'], precision=6)}")
+    names = list(dict.fromkeys(args.variants.split(",")))
+    unknown = [v for v in names if v not in BANDIT_VARIANTS]
+    if unknown:
+        raise UserError(f"unknown bandit variant {unknown[0]!r}; use some of {', '.join(BANDIT_VARIANTS)}")
+    runs = {v: primal_dual(r, c, args.budget, args.eta, iters=args.iters, primal_optimism=BANDIT_VARIANTS[v][0],
+                           dual_optimism=BANDIT_VARIANTS[v][1]) for v in names}
+    first = next(iter(runs.values()))
+    print(f"LP optimum: {np.array2string(first['optimum'], precision=6)}")
     for name, res in runs.items():
         print(f"{name:<16} ||pi_T - pi*||_1 {res['distance'][-1]:.3g}  violation {res['violation'][-1]:.3g}  lambda {res['lam'][-1]:.4f}")
+    if args.csv:
+        _write_rows(Path(args.csv), [{"variant": name, "iteration": t, "distance": f"{res['distance'][t]:.6g}", "violation": f"{res['violation'][t]:.6g}",
+                                      "multiplier": f"{res['lam'][t]:.6g}"} for name, res in runs.items() for t in range(len(res["lam"]))])
     if args.plot:
         plt = _plt()
         fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
@@ -124,6 +143,8 @@ def _sail(args: argparse.Namespace) -> int:
     for r in rows:
         its = r["iters_to_gap"] if r["iters_to_gap"] is not None else f">{args.iters}"
         print(f"{r['revkl_coef']:>10g} {r['min_pl_ratio']:>13.4g} {r['max_lambda_max']:>15.4g} {its!s:>18} {r['kl_to_ref']:>10.4g}")
+    if args.csv:
+        _write_rows(Path(args.csv), [{k: v for k, v in r.items() if k != "run"} for r in rows])
     if args.plot:
         plt = _plt()
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -146,6 +167,12 @@ def _sail(args: argparse.Namespace) -> int:
     return 0
 
 
+ALGO_HELP = {"md": "mirror descent / MWU", "mwu": "MWU (same as md)", "omwu": "optimistic MWU", "mirror-prox": "Mirror-Prox (extragradient)",
+             "inpo": "INPO: the KL-regularized solver with a fixed reference", "comal": "COMAL: T prox steps of K regularized inner steps, reference reset",
+             "dpo": "sample-based iterative DPO", "ipo": "sample-based iterative IPO", "sppo": "sample-based SPPO",
+             "compare": "several algorithms on one game, one plot"}
+
+
 def add_parser(sub) -> None:
     game = sub.add_parser("game", help="exact small-scale labs: preference games, constrained bandits, tabular SAIL",
                           description="Exact, seconds-long checks of the source papers' claims.")
@@ -154,8 +181,8 @@ def add_parser(sub) -> None:
     from rl_align.games.matrix import ALGORITHMS
 
     for algo in [*ALGORITHMS, "compare"]:
-        p = gsub.add_parser(algo, help=f"preference matrix game with {algo}" if algo != "compare" else "several algorithms on one game, one plot",
-                            description="Run on A[i, j] = P(y_i > y_j); prints the last iterate, KL to the Nash policy (LP) and the duality gap.")
+        p = gsub.add_parser(algo, help=ALGO_HELP[algo], description=f"{ALGO_HELP[algo]} on A[i, j] = P(y_i > y_j); prints the last iterate, "
+                            "KL(pi* || pi) to the Nash policy pi* (solved by LP) and the duality gap max_i (A pi)_i - min_j (pi^T A)_j.")
         p.add_argument("--matrix", default="comal3", help="comal3 (the COMAL paper's game), cycle:N, random:N:SEED, or a .json / .csv file")
         p.add_argument("--start", default=None, help="starting policy, comma-separated on the simplex with full support (default: the paper's [0.2,0.5,0.3] for comal3, else uniform)")
         p.add_argument("--eta", type=float, default=0.3, help="step size (default 0.3)")
@@ -165,7 +192,7 @@ def add_parser(sub) -> None:
         p.add_argument("--T", type=int, default=200, help="COMAL outer iterations (default 200)")
         p.add_argument("--K", type=int, default=25, help="COMAL inner steps per outer iteration (default 25)")
         p.add_argument("--n", type=int, default=100, help="oracle samples per iteration for DPO / IPO / SPPO (default 100)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="RNG seed of the oracle samples of DPO / IPO / SPPO (default 0)")
         p.add_argument("--csv", default=None, help="write iterates, KL and gap per iteration to this CSV")
         p.add_argument("--plot", default=None, help="write a PNG: simplex trajectories (3 actions) and gap vs iteration")
         if algo == "compare":
@@ -175,11 +202,13 @@ def add_parser(sub) -> None:
     from rl_align.games.bandit import DEFAULT_BUDGET, DEFAULT_COSTS, DEFAULT_REWARDS
 
     p = gsub.add_parser("bandit", help="constrained bandit: PD vs OPD last iterates", description="max pi.r s.t. pi.c <= d; standard primal-dual vs optimistic (and one-sided optimism).")
-    p.add_argument("--rewards", default=",".join(map(str, DEFAULT_REWARDS)))
-    p.add_argument("--costs", default=",".join(map(str, DEFAULT_COSTS)))
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="cost budget d")
+    p.add_argument("--rewards", default=",".join(map(str, DEFAULT_REWARDS)), help="reward of each arm, comma-separated (default %(default)s)")
+    p.add_argument("--costs", default=",".join(map(str, DEFAULT_COSTS)), help="cost of each arm, comma-separated (default %(default)s)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="cost budget d, pi.c <= d (default %(default)s)")
     p.add_argument("--eta", type=float, default=0.1, help="step size of both players (default 0.1)")
-    p.add_argument("--iters", type=int, default=30_000)
+    p.add_argument("--iters", type=int, default=30_000, help="iterations of every variant (default %(default)s)")
+    p.add_argument("--variants", default=",".join(BANDIT_VARIANTS), help="comma-separated from %(default)s (primal/dual optimism switches)")
+    p.add_argument("--csv", default=None, help="write distance, violation and multiplier per iteration and variant to this CSV")
     p.add_argument("--plot", default=None, help="PNG of distance to the LP optimum, violation and multiplier")
     p.set_defaults(func=_bandit)
 
@@ -188,10 +217,11 @@ def add_parser(sub) -> None:
     p.add_argument("--scores", default="1,0,2,-1", help="Bradley-Terry scores of the responses (default 1,0,2,-1)")
     p.add_argument("--matrix", default=None, help="a general preference matrix instead of scores (as for the games)")
     p.add_argument("--ref", default=None, help="reference policy (default 0.1,0.4,0.2,0.3 for 4 responses, else uniform)")
-    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=1.0, help="implicit-reward scale h = beta log(pi / pi_ref) (default 1)")
     p.add_argument("--lr", type=float, default=0.5, help="gradient-ascent step size")
-    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--iters", type=int, default=2000, help="gradient-ascent iterations per coefficient (default 2000)")
     p.add_argument("--coefs", default="0,0.01,0.1,0.3,1", help="reverse-KL coefficients to sweep")
-    p.add_argument("--tol", type=float, default=1e-6, help="gap that counts as converged")
+    p.add_argument("--tol", type=float, default=1e-6, help="gap that counts as converged (default 1e-6)")
+    p.add_argument("--csv", default=None, help="write the sweep table to this CSV")
     p.add_argument("--plot", default=None, help="PNG of gap, PL ratio and lambda_max per coefficient")
     p.set_defaults(func=_sail)
