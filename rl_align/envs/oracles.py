@@ -34,6 +34,7 @@ class OracleConfig:
     weights: list[float] = field(default_factory=lambda: [1.0, 0.0, 0.0])
     skew: list[list[float]] = field(default_factory=lambda: [[0.0] * 3 for _ in range(3)])
     feature_scale: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    feature_offset: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # z = (f - offset) / scale: S is not shift-invariant
     sharpness: float = 1.0  # k
     features: str = "mean"  # mean | package.module:function (segments -> [M, F])
 
@@ -55,8 +56,8 @@ class OracleConfig:
         if self.kind == "general":
             S = np.asarray(self.skew, dtype=float)
             n = len(self.weights)
-            if S.shape != (n, n) or len(self.feature_scale) != n:
-                raise UserError(f"env.oracle.skew must be {n}x{n} and feature_scale of length {n} to match weights")
+            if S.shape != (n, n) or len(self.feature_scale) != n or len(self.feature_offset) != n:
+                raise UserError(f"env.oracle.skew must be {n}x{n} and feature_scale, feature_offset of length {n} to match weights")
             if not np.allclose(S, -S.T, atol=1e-12):
                 raise UserError("env.oracle.skew must be skew-symmetric (S = -S^T) so that P(a,b) = 1 - P(b,a)")
         if self.score not in SCORES and ":" not in self.score and "." not in self.score:
@@ -97,7 +98,7 @@ class Oracle:
             return np.asarray(self._user_features(seg), dtype=np.float64)
         f = np.asarray(seg.features, dtype=np.float64).mean(axis=-2)
         f[..., 2] = -f[..., 2]
-        return f / np.asarray(self.config.feature_scale)
+        return (f - np.asarray(self.config.feature_offset)) / np.asarray(self.config.feature_scale)
 
     def preference_prob(self, seg1: Any, seg2: Any) -> np.ndarray:
         """``P(s1 > s2)``, ``[M]``, before noise. Deterministic teachers give 0, 1/2 or 1."""
