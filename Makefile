@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/rl-align train --env halfcheetah --agent ppo --steps 50000
+	$(BIN)/rl-align train --env halfcheetah-pref --agent sail-revkl
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
