@@ -152,3 +152,28 @@ def test_run_writes_pl_scalars_to_tensorboard_and_csv(tmp_path):
 def test_bad_sail_config_is_a_user_error(override, message):
     with pytest.raises(UserError, match=message):
         resolve_config("halfcheetah-pref", "sail", SMALL + [override])
+
+
+def test_kl_explosion_stops_the_run_with_a_clear_error(tmp_path):
+    cfg = resolve_config("halfcheetah-pref", "sail", SMALL + [f"run.out_dir={tmp_path}", "agent.kl_limit=1e-9", "agent.diag_every=0",
+                                                              "run.eval_episodes=1"], steps=400)
+    with pytest.raises(UserError, match=r"KL\(pi \|\| pi_ref\).*exceeded agent.kl_limit"):
+        train(cfg, quiet=True)
+
+
+def test_query_budget_is_respected_and_spent_budget_skips_the_update():
+    """Budget 30, below the 45 pairs of one rollout (10 segments): the first update spends all 30, the
+    later ones get no label and are skipped (weights unchanged although Adam has momentum)."""
+    cfg = resolve_config("halfcheetah-pref", "sail", SMALL + ["env.oracle.budget=30", "agent.diag_every=0"])
+    agent, env = build_agent(cfg)
+    agent.prepare(cfg)
+    obs, tracker = env.reset(), EpisodeTracker(env.n_envs)
+    used = []
+    for _ in range(3):
+        obs = agent.collect(env, obs, tracker)
+        before = torch.nn.utils.parameters_to_vector(agent.policy.parameters()).clone()
+        m = agent.update()
+        used.append(m["train/queries_used"])
+    assert used == [30, 30, 30] and agent.oracle.queries == 30
+    assert m.get("train/skipped") == 1.0
+    assert torch.equal(before, torch.nn.utils.parameters_to_vector(agent.policy.parameters()))

@@ -224,6 +224,7 @@ class SAIL(Agent):
         with torch.no_grad():
             kl_ref = float(self.kl_to_ref(torch.as_tensor(self.buffer.obs.reshape(-1, self.buffer.obs.shape[-1]), device=self.device)))
             entropy = float(self.policy.dist(torch.as_tensor(self.buffer.obs[0], device=self.device)).entropy().sum(-1).mean())
+            update_norm = float((torch.nn.utils.parameters_to_vector(params) - before).norm())
         if kl_ref > c.kl_limit:
             raise UserError(f"KL(pi || pi_ref) = {kl_ref:.1f} exceeded agent.kl_limit={c.kl_limit} at env step {self.env_steps}; "
                             "lower agent.lr or raise agent.beta / agent.revkl_coef (last good checkpoint kept)")
@@ -231,7 +232,7 @@ class SAIL(Agent):
         metrics.update({
             "train/valid_pairs": float(P), "train/ties": float(b["n_ties"]), "train/baseline": baseline,
             "train/kl_ref": kl_ref, "pl/kl_ref": kl_ref, "pl/entropy": entropy,
-            "pl/update_norm": float((torch.nn.utils.parameters_to_vector(params) - before).norm()),
+            "pl/update_norm": update_norm,
             "train/log_std": self.policy.log_std.mean().item(), "train/queries_used": float(self.oracle.queries),
         })
         return metrics
