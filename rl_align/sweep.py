@@ -206,9 +206,45 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class SweepSignals:
+    """SIGINT / SIGTERM during a sweep (main thread only) set ``signum`` and call ``callback`` (the pool
+    passes SIGTERM on to its trials); no new trial starts, and the sweep exits 128 + signum."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.callback = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "SweepSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        if self.callback is not None:
+            self.callback(signum)
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
 def run_sweep(spec: SweepSpec, name: str | None = None, root: Path | str = "runs/sweeps", workers: int | None = None,
               backend: str = "local", address: str | None = None, log=print) -> tuple[Path, list[dict]]:
-    """Validate every trial, then run the unfinished ones; returns ``(sweep folder, index rows)``."""
+    """Validate every trial, then run the unfinished ones; returns ``(sweep folder, index rows)``.
+    Ctrl-C / SIGTERM: running trials checkpoint, the index is written, :class:`Interrupted` is raised."""
+    with SweepSignals() as stop:
+        folder, rows = _run_sweep(spec, name, root, workers, backend, address, log, stop)
+    if stop.signum is not None:
+        raise SweepInterrupted(stop.signum)
+    return folder, rows
+
+
+def _run_sweep(spec: SweepSpec, name: str | None, root: Path | str, workers: int | None, backend: str, address: str | None,
+               log, stop: SweepSignals) -> tuple[Path, list[dict]]:
     if backend not in ("local", "ray"):
         raise UserError(f"--backend must be local or ray, got {backend!r}")
     if workers is not None and workers < 1:
@@ -262,40 +298,42 @@ def run_sweep(spec: SweepSpec, name: str | None = None, root: Path | str = "runs
 
     if todo:
         if backend == "ray":
-            _run_ray(ray, todo, workers, address, record)
+            _run_ray(ray, todo, workers, address, record, stop)
         elif workers == 1:
             for t in todo:
+                if stop.signum is not None:
+                    break
                 record(run_trial(t))
                 if interrupted:
-                    raise SweepInterrupted(interrupted[0])
+                    stop.signum = stop.signum or interrupted[0]
         else:
-            _run_pool(todo, workers, record)
+            _run_pool(todo, workers, record, stop)
     return sweep_dir, list(rows.values())
 
 
-def _run_pool(todo: list[Trial], workers: int, record) -> None:
+def _run_pool(todo: list[Trial], workers: int, record, stop: "SweepSignals") -> None:
     """A spawn-context process pool; SIGTERM to the sweep is passed on to the running trials, which
     checkpoint and stop (Ctrl-C reaches them directly through the terminal's process group)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    stop = {"signum": None}
+    futures: dict = {}
+
+    def on_signal(signum: int) -> None:
+        for f in futures:
+            f.cancel()
+        if signum == signal.SIGTERM:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                try:
+                    proc.terminate()  # SIGTERM: the trial finishes its iteration and checkpoints
+                except OSError:
+                    pass
+
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(run_trial, t): t for t in todo}
-
-        def on_signal(signum, frame):
-            stop["signum"] = signum
-            for f in futures:
-                f.cancel()
-            if signum == signal.SIGTERM:
-                for p in list(getattr(pool, "_processes", {}).values()):
-                    try:
-                        p.terminate()  # SIGTERM: the trial finishes its iteration and checkpoints
-                    except OSError:
-                        pass
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if stop.signum is None:
+            futures.update({pool.submit(run_trial, t): t for t in todo})
+        stop.callback = on_signal
         try:
             for f in as_completed(futures):
                 t = futures[f]
@@ -304,13 +342,10 @@ def _run_pool(todo: list[Trial], workers: int, record) -> None:
                 try:
                     record(f.result())
                 except BrokenProcessPool as exc:
-                    record({"trial": t.trial, "seed": t.seed, **t.settings, "status": "failed", "error": f"worker process died: {exc}",
-                            "run_folder": _rel(t)})
+                    status, why = ("interrupted", "stopped by a signal") if stop.signum else ("failed", f"worker process died: {exc}")
+                    record({"trial": t.trial, "seed": t.seed, **t.settings, "status": status, "error": why, "run_folder": _rel(t)})
         finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-    if stop["signum"] is not None:
-        raise SweepInterrupted(stop["signum"])
+            stop.callback = None
 
 
 def SweepInterrupted(signum: int) -> Exception:
@@ -331,7 +366,7 @@ def _import_ray():
     return ray
 
 
-def _run_ray(ray, todo: list[Trial], workers: int, address: str | None, record) -> None:
+def _run_ray(ray, todo: list[Trial], workers: int, address: str | None, record, stop: SweepSignals) -> None:
     """Each trial is one Ray task (1 CPU). ``--address`` joins a running cluster; the nodes need rl-align
     installed and the sweep folder on a shared filesystem. Without it, a local Ray instance is started."""
     if not ray.is_initialized():
@@ -341,19 +376,22 @@ def _run_ray(ray, todo: list[Trial], workers: int, address: str | None, record) 
             raise UserError(f"cannot start or reach Ray{f' at {address}' if address else ''}: {str(exc).splitlines()[0]}") from None
     remote = ray.remote(num_cpus=1)(run_trial)
     pending = {remote.remote(t): t for t in todo}
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            t = pending.pop(ready[0])
-            try:
-                record(ray.get(ready[0]))
-            except Exception as exc:  # the worker died (e.g. out of memory) rather than the trial failing
-                record({"trial": t.trial, "seed": t.seed, **t.settings, "status": "failed",
-                        "error": f"Ray task failed: {type(exc).__name__}", "run_folder": _rel(t)})
-    except KeyboardInterrupt:
-        for ref in pending:
-            ray.cancel(ref)
-        raise
+    while pending:
+        if stop.signum is not None:  # no checkpoint at the cut: these trials resume from their last periodic one
+            for ref, t in pending.items():
+                ray.cancel(ref)
+                record({"trial": t.trial, "seed": t.seed, **t.settings, "status": "interrupted", "error": "cancelled by a signal",
+                        "run_folder": _rel(t)})
+            return
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        if not ready:
+            continue
+        t = pending.pop(ready[0])
+        try:
+            record(ray.get(ready[0]))
+        except Exception as exc:  # the worker died (e.g. out of memory) rather than the trial failing
+            record({"trial": t.trial, "seed": t.seed, **t.settings, "status": "failed",
+                    "error": f"Ray task failed: {type(exc).__name__}", "run_folder": _rel(t)})
 
 
 # ---- command line --------------------------------------------------------------------------------

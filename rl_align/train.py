@@ -154,10 +154,13 @@ class StopSignals:
         self.signum: int | None = None
         self.previous: dict = {}
 
+    active = 0  # a run nested in another (the auto reference) leaves the signals to the outer run
+
     def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and StopSignals.active == 0:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
+        StopSignals.active += 1
         return self
 
     def _handle(self, signum: int, frame) -> None:
@@ -166,6 +169,7 @@ class StopSignals:
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
+        StopSignals.active -= 1
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -210,7 +214,13 @@ def resume(folder: Path, quiet: bool = False) -> tuple[Path, dict]:
 def train(cfg: RunConfig, folder: Path | None = None, quiet: bool = False, resume: bool = False) -> tuple[Path, dict]:
     """Train ``cfg`` into a new run folder (or ``folder``); returns ``(folder, summary)``. With
     ``resume``, continue ``folder`` from its last checkpoint exactly as if never stopped.
-    Everything that can fail on bad input is built before the folder is made."""
+    Everything that can fail on bad input is built before the folder is made. SIGINT / SIGTERM are
+    deferred from the start to the end of the current iteration (see :class:`Interrupted`)."""
+    with StopSignals() as stop:
+        return _train(cfg, folder, quiet, resume, stop)
+
+
+def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop: StopSignals) -> tuple[Path, dict]:
     agent, env = build_agent(cfg)
     if hasattr(agent, "prepare"):
         agent.prepare(cfg)
@@ -255,44 +265,43 @@ def train(cfg: RunConfig, folder: Path | None = None, quiet: bool = False, resum
         _loop_checkpoint(folder, agent, env, obs, tracker, loop)
 
     try:
-        with StopSignals() as stop:
-            while agent.env_steps < run.steps:
-                t0 = time.perf_counter()
-                obs = agent.collect(env, obs, tracker)
-                t_collect = time.perf_counter() - t0
-                agent.last_episodes = tracker.pop()
-                history.extend(agent.last_episodes)
-                metrics = agent.update()
-                loop["iteration"] += 1
-                check_finite(agent, metrics, agent.env_steps)
-                dt = time.perf_counter() - t0
-                steps_it = agent.buffer.T * agent.buffer.N
-                logger.record_dict(metrics)
-                logger.record("time/sps", steps_it / dt)
-                logger.record("time/collect_fraction", t_collect / dt)
-                logger.record("rollout/x_velocity", float(agent.buffer.features[..., 0].mean()))
-                if agent.last_episodes:
-                    eps = np.asarray(agent.last_episodes)
-                    logger.record("rollout/ep_return", eps[:, 0].mean())
-                    logger.record("rollout/ep_cost", eps[:, 1].mean())
-                    logger.record("rollout/ep_length", eps[:, 2].mean())
-                if agent.env_steps >= loop["next_eval"]:
-                    logger.record_dict(eval_metrics(agent, cfg))
-                    loop["next_eval"] += run.eval_every
-                logger.dump(agent.env_steps)
-                if agent.env_steps >= loop["next_ckpt"]:
-                    loop["next_ckpt"] += ckpt_every
-                    checkpoint()
-                if stop.signum is not None:
-                    checkpoint()
-                    logger.close()
-                    raise Interrupted(stop.signum, folder, agent.env_steps)
-                recent = np.asarray(history) if history else None
-                progress.update(
-                    agent.env_steps,
-                    **{"return": recent[-10:, 0].mean() if recent is not None else None,
-                       "cost": recent[-10:, 1].mean() if recent is not None else None},
-                )
+        while agent.env_steps < run.steps:
+            t0 = time.perf_counter()
+            obs = agent.collect(env, obs, tracker)
+            t_collect = time.perf_counter() - t0
+            agent.last_episodes = tracker.pop()
+            history.extend(agent.last_episodes)
+            metrics = agent.update()
+            loop["iteration"] += 1
+            check_finite(agent, metrics, agent.env_steps)
+            dt = time.perf_counter() - t0
+            steps_it = agent.buffer.T * agent.buffer.N
+            logger.record_dict(metrics)
+            logger.record("time/sps", steps_it / dt)
+            logger.record("time/collect_fraction", t_collect / dt)
+            logger.record("rollout/x_velocity", float(agent.buffer.features[..., 0].mean()))
+            if agent.last_episodes:
+                eps = np.asarray(agent.last_episodes)
+                logger.record("rollout/ep_return", eps[:, 0].mean())
+                logger.record("rollout/ep_cost", eps[:, 1].mean())
+                logger.record("rollout/ep_length", eps[:, 2].mean())
+            if agent.env_steps >= loop["next_eval"]:
+                logger.record_dict(eval_metrics(agent, cfg))
+                loop["next_eval"] += run.eval_every
+            logger.dump(agent.env_steps)
+            if agent.env_steps >= loop["next_ckpt"]:
+                loop["next_ckpt"] += ckpt_every
+                checkpoint()
+            if stop.signum is not None:
+                checkpoint()
+                logger.close()
+                raise Interrupted(stop.signum, folder, agent.env_steps)
+            recent = np.asarray(history) if history else None
+            progress.update(
+                agent.env_steps,
+                **{"return": recent[-10:, 0].mean() if recent is not None else None,
+                   "cost": recent[-10:, 1].mean() if recent is not None else None},
+            )
     finally:
         progress.close()
         env.close()

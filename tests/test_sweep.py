@@ -9,6 +9,7 @@ import pytest
 from rl_align.cli import main
 from rl_align.errors import UserError
 from rl_align.sweep import SweepSpec, expand, parse_grid, run_sweep
+from rl_align.train import train  # noqa: F401  (imported here, not first inside a capsys test: Progress binds sys.stderr at import)
 
 TINY = ["agent.n_steps=128", "agent.epochs=2", "run.eval_episodes=2", "env.max_episode_steps=100"]
 ARGS = ["--env", "inverted-pendulum", "--agent", "ppo", "--steps", "512", "--grid", "agent.lr=3e-4,1e12", "--seeds", "0,1"]
@@ -95,3 +96,39 @@ def test_same_sweep_on_a_local_ray_instance(tmp_path):
         check_index(folder)
     finally:
         ray.shutdown()
+
+
+def test_sigterm_stops_the_sweep_and_rerun_resumes_the_interrupted_trial(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "rl_align.cli", "sweep", "--env", "inverted-pendulum", "--agent", "ppo", "--steps", "6144",
+           "--grid", "agent.gamma=0.99", "--seeds", "0", "--workers", "1", "--name", "cut", "--root", str(tmp_path),
+           *[x for item in [*TINY, "run.checkpoint_every=256"] for x in ("--set", item)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        csvs = list((tmp_path / "cut").glob("trials/*/*/*/*/progress.csv"))
+        if csvs and len(csvs[0].read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "re-run the same sweep command to resume" in err.strip().splitlines()[-1]
+    row = read_index(tmp_path / "cut")["gamma=0.99-s0"]
+    assert row["status"] == "interrupted" and "SIGTERM" in row["error"]
+    folder = tmp_path / "cut" / row["run_folder"]
+    from rl_align.runs import load_checkpoint
+
+    assert 0 < load_checkpoint(folder)["env_steps"] < 6144
+
+    log = []
+    s = SweepSpec(env="inverted-pendulum", agent="ppo", steps=6144, sets=[*TINY, "run.checkpoint_every=256"],
+                  grid=parse_grid(["agent.gamma=0.99"]), seeds=[0])
+    _, rows = run_sweep(s, name="cut", root=tmp_path, workers=1, log=log.append)
+    assert rows[0]["status"] == "finished" and rows[0]["env_steps"] == 6144, rows[0]["error"]
+    assert tmp_path / "cut" / rows[0]["run_folder"] == folder  # resumed in place, not restarted
