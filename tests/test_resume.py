@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl_align.errors import UserError
+from rl_align.cli import main
 from rl_align.runs import load_checkpoint, resolve_config
 from rl_align.train import TrainingDiverged, resume, train
 
@@ -85,6 +85,7 @@ def test_truncated_checkpoint_is_one_line_error(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("rl-align: error: checkpoint") and "corrupt or truncated" in lines[-1]
     assert "Traceback" not in r.stderr
+    assert main(["train", "--resume", str(folder), "--steps", "1000"]) == 2  # the saved config decides; no silent mix
 
 
 def test_divergence_names_quantity_and_step_and_keeps_last_good_checkpoint(tmp_path):
