@@ -40,36 +40,39 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def plot_matrix_runs(results: list[dict], out: Path) -> None:
-    """Simplex trajectories (3 actions) and the duality gap per iteration on a log scale."""
+    """Simplex trajectories (3 actions; one panel per algorithm, as the COMAL paper's Figures 1-2) and the
+    duality gap per iteration on a log scale (any size)."""
     plt = _plt()
-    n = results[0]["iterates"].shape[1]
-    cols = 2 if n == 3 else 1
-    fig, axes = plt.subplots(1, cols, figsize=(6 * cols, 5))
-    axes = np.atleast_1d(axes)
+    n, k = results[0]["iterates"].shape[1], len(results)
+    cols = min(4, k) if n == 3 else 0
+    rows = -(-k // 4) if n == 3 else 1
+    fig = plt.figure(figsize=(3 * cols + 6, 3 * max(rows, 1.5)))
+    grid = fig.add_gridspec(rows, cols + 2)
     if n == 3:
-        ax = axes[0]
         corners = np.array([[0, 0], [1, 0], [0.5, np.sqrt(3) / 2]])
-        ax.plot(*np.vstack([corners, corners[:1]]).T, "k-", lw=0.8)
-        for k, r in enumerate(results):
-            xy = r["iterates"] @ corners
-            ax.plot(xy[:, 0], xy[:, 1], lw=0.8, color=f"C{k}", label=r["algo"])
-            ax.plot(*xy[-1], "o", color=f"C{k}", ms=4)
         star = results[0]["nash"] @ corners
-        ax.plot(*star, "k*", ms=12, label="Nash (LP)")
-        for i, c in enumerate(corners):
-            ax.annotate(f"y{i}", c, textcoords="offset points", xytext=(-8, -12 if i < 2 else 5))
-        ax.set_aspect("equal")
-        ax.axis("off")
-        ax.legend(fontsize=8, loc="upper right")
-        ax.set_title("last iterates on the simplex")
-    ax = axes[-1]
-    for k, r in enumerate(results):
-        ax.semilogy(np.maximum(r["gap"], 1e-16), color=f"C{k}", label=r["algo"], lw=1)
+        for idx, r in enumerate(results):
+            ax = fig.add_subplot(grid[idx // 4, idx % 4])
+            ax.plot(*np.vstack([corners, corners[:1]]).T, "k-", lw=0.8)
+            xy = r["iterates"] @ corners
+            ax.plot(xy[:, 0], xy[:, 1], lw=0.6, color=f"C{idx}")
+            ax.plot(*xy[0], "ks", ms=4)
+            ax.plot(*xy[-1], "o", color=f"C{idx}", ms=5)
+            ax.plot(*star, "k*", ms=10)
+            for i, c in enumerate(corners):
+                ax.annotate(f"y{i}", c, textcoords="offset points", xytext=(-8, -12 if i < 2 else 4), fontsize=8)
+            ax.set_aspect("equal")
+            ax.axis("off")
+            ax.set_title(f"{r['algo']}: gap {r['gap'][-1]:.2g}", fontsize=9)
+    ax = fig.add_subplot(grid[:, cols:])
+    for idx, r in enumerate(results):
+        ax.semilogy(np.maximum(r["gap"], 1e-16), color=f"C{idx}", label=r["algo"], lw=1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("duality gap")
+    ax.set_title("square: start, dot: last iterate, star: Nash (LP)" if n == 3 else "duality gap", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
@@ -108,7 +111,9 @@ def _bandit(args: argparse.Namespace) -> int:
     first = next(iter(runs.values()))
     print(f"LP optimum: {np.array2string(first['optimum'], precision=6)}")
     for name, res in runs.items():
-        print(f"{name:<16} ||pi_T - pi*||_1 {res['distance'][-1]:.3g}  violation {res['violation'][-1]:.3g}  lambda {res['lam'][-1]:.4f}")
+        tail = res["distance"][-max(1, args.iters // 10):]  # the last 10% of iterations
+        print(f"{name:<16} ||pi_T - pi*||_1 {res['distance'][-1]:.3g} (max over last 10%: {tail.max():.3g})  "
+              f"violation {res['violation'][-1]:.3g}  lambda {res['lam'][-1]:.4f}")
     if args.csv:
         _write_rows(Path(args.csv), [{"variant": name, "iteration": t, "distance": f"{res['distance'][t]:.6g}", "violation": f"{res['violation'][t]:.6g}",
                                       "multiplier": f"{res['lam'][t]:.6g}"} for name, res in runs.items() for t in range(len(res["lam"]))])

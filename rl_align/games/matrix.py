@@ -7,6 +7,7 @@ solves itself); every algorithm returns its iterates so that ``KL(pi* || pi_t)``
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -201,6 +202,19 @@ def comal(A, start, eta, tau, T, K, **_) -> np.ndarray:
     return np.asarray(out)
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread: these tensors are tiny, and on a shared CPU thread hand-offs cost ~10x."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _sampled_pairs(pi, A, n, rng):
     a, b = rng.choice(len(pi), size=n, p=pi), rng.choice(len(pi), size=n, p=pi)
     win = rng.random(n) < A[a, b]
@@ -235,10 +249,11 @@ def iterative_dpo(A, start, iters, n=100, tau=0.1, seed=0, loss="dpo", **_) -> n
     them with the oracle ``A`` and fits the DPO loss with ``pi_t`` as reference (``beta = tau``)."""
     rng = np.random.default_rng(seed)
     out = [start]
-    for _ in range(iters):
-        w, l = _sampled_pairs(out[-1], A, n, rng)
-        pi = _fit_logits(out[-1], w, l, loss, tau)
-        out.append(np.clip(pi, 1e-300, None) / np.clip(pi, 1e-300, None).sum())
+    with single_thread():
+        for _ in range(iters):
+            w, l = _sampled_pairs(out[-1], A, n, rng)
+            pi = np.clip(_fit_logits(out[-1], w, l, loss, tau), 1e-300, None)
+            out.append(pi / pi.sum())
     return np.asarray(out)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rl_align.errors import UserError
+from rl_align.games.matrix import single_thread
 
 # The instance the lab exhibits: 4 responses, Bradley-Terry preferences from scores, a non-uniform reference.
 DEFAULT_SCORES = [1.0, 0.0, 2.0, -1.0]
@@ -42,6 +43,7 @@ def objective(theta: torch.Tensor, A: torch.Tensor, ref: torch.Tensor, beta: flo
     return J - lam * (pi * (logpi - torch.log(ref))).sum()  # SAIL-RevKL: minus lam KL(pi || pi_ref)
 
 
+@single_thread()
 def run(A, ref, beta: float = 1.0, lam: float = 0.0, lr: float = 0.5, iters: int = 3000, start=None, hessian_every: int = 10) -> dict:
     """Plain gradient ascent with the exact gradient; per iterate: ``f``, ``||grad f||^2``; every
     ``hessian_every`` iterates the Hessian's extreme eigenvalues; then (once ``f*`` is known) gap, PL
@@ -52,6 +54,8 @@ def run(A, ref, beta: float = 1.0, lam: float = 0.0, lr: float = 0.5, iters: int
         raise UserError(f"the reference policy must be {K} positive numbers summing to 1")
     if lam < 0 or beta <= 0 or lr <= 0:
         raise UserError(f"need lam >= 0, beta > 0 and lr > 0; got lam={lam}, beta={beta}, lr={lr}")
+    if iters < 1 or hessian_every < 1:
+        raise UserError(f"iters and hessian_every must be >= 1, got {iters} and {hessian_every}")
     At, reft = torch.as_tensor(A, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
     start = np.log(ref[:-1] / ref[-1]) if start is None else np.asarray(start, float)  # start at pi_ref
     theta = torch.as_tensor(start, dtype=torch.float64).clone().requires_grad_(True)
