@@ -92,7 +92,9 @@ def test_cli_game_from_file_with_plot_and_errors(tmp_path, capsys):
     assert len((tmp_path / "out.csv").read_text().splitlines()) == 200 * 25 + 2
     assert "0.3636" in capsys.readouterr().out
     bad = [(["game", "md", "--start", "0.5,0.6,0.2"], "simplex"), (["game", "md", "--start", "0,0.5,0.5"], "full support"),
-           (["game", "md", "--eta", "0"], "eta"), (["game", "omwu", "--matrix", str(tmp_path / "nope.csv")], "no matrix")]
+           (["game", "md", "--eta", "0"], "eta"), (["game", "omwu", "--matrix", str(tmp_path / "nope.csv")], "no matrix"),
+           (["game", "compare", "--algos", "md,nope"], "unknown game algorithm"),
+           (["game", "md", "--plot", str(tmp_path / "missing" / "x.png")], "does not exist")]
     for argv, msg in bad:
         assert main(argv) == 2
         err = capsys.readouterr().err
@@ -135,3 +137,14 @@ def test_cli_bandit_and_sail_write_csv(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_matrix_files_that_are_not_games_exit_2(tmp_path, capsys):
+    cases = {"ns.csv": "0.5,0.2,0.3\n0.8,0.5,0.1\n", "range.json": json.dumps([[0.5, 1.5], [-0.5, 0.5]]),
+             "sym.json": json.dumps({"matrix": [[0.5, 0.3], [0.6, 0.5]]}), "text.csv": "a,b\nc,d\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        assert main(["game", "md", "--matrix", str(tmp_path / name), "--csv", str(tmp_path / "out.csv")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "rl-align: error:" in err
+    assert not (tmp_path / "out.csv").exists()  # nothing written for bad input

@@ -29,6 +29,14 @@ def _plt():
     return plt
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail before any work when an output file cannot be written (its folder is missing)."""
+    for opt in ("csv", "plot"):
+        path = getattr(args, opt, None)
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"--{opt} {path}: folder {Path(path).resolve().parent} does not exist; create it or pick another path")
+
+
 def _write_rows(path: Path, rows: list[dict]) -> None:
     import csv
 
@@ -77,11 +85,15 @@ def plot_matrix_runs(results: list[dict], out: Path) -> None:
 
 
 def _matrix(args: argparse.Namespace) -> int:
-    from rl_align.games.matrix import COMAL3_START, load_matrix, run, write_csv
+    _check_outputs(args)
+    from rl_align.games.matrix import ALGORITHMS, COMAL3_START, load_matrix, run, write_csv
 
     A = load_matrix(args.matrix)
     start = _floats(args.start, "--start") if args.start else (COMAL3_START if A.shape == (3, 3) and args.matrix == "comal3" else np.full(len(A), 1 / len(A)))
     algos = list(dict.fromkeys(args.algos.split(","))) if args.algo == "compare" else [args.algo]
+    unknown = [a for a in algos if a not in ALGORITHMS]
+    if unknown:
+        raise UserError(f"unknown game algorithm {unknown[0]!r} in --algos; use some of {', '.join(ALGORITHMS)}")
     results = []
     for algo in algos:
         iters = args.iters if algo not in ("dpo", "ipo") else min(args.iters, args.sample_iters)
@@ -99,6 +111,7 @@ def _matrix(args: argparse.Namespace) -> int:
 
 
 def _bandit(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     from rl_align.games.bandit import primal_dual
 
     r, c = _floats(args.rewards, "--rewards"), _floats(args.costs, "--costs")
@@ -136,6 +149,7 @@ def _bandit(args: argparse.Namespace) -> int:
 
 
 def _sail(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     from rl_align.games.tabular_sail import DEFAULT_REF, DEFAULT_SCORES, bt_matrix, sweep
 
     A = bt_matrix(_floats(args.scores, "--scores")) if args.matrix is None else __import__("rl_align.games.matrix", fromlist=["load_matrix"]).load_matrix(args.matrix)
