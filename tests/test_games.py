@@ -148,3 +148,16 @@ def test_cli_matrix_files_that_are_not_games_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "rl-align: error:" in err
     assert not (tmp_path / "out.csv").exists()  # nothing written for bad input
+
+
+def test_tabular_sail_gradient_is_dpo_part_plus_shift_part():
+    import torch
+
+    A = torch.as_tensor(tabular_sail.bt_matrix(tabular_sail.DEFAULT_SCORES))
+    ref = torch.as_tensor(tabular_sail.DEFAULT_REF, dtype=torch.float64)
+    theta = torch.tensor([0.3, -1.0, 0.5, 0.2], dtype=torch.float64, requires_grad=True)
+    for lam in (0.0, 0.3):
+        (full,) = torch.autograd.grad(tabular_sail.objective(theta, A, ref, 1.0, lam), theta)
+        parts = tabular_sail.gradient_parts(theta, A, ref, 1.0, lam)
+        torch.testing.assert_close(parts["dpo"] + parts["shift"] + parts["revkl"], full, rtol=1e-10, atol=1e-12)
+        assert parts["shift"].norm() > 1e-3 * parts["dpo"].norm()  # the shift part is not negligible here

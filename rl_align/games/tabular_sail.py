@@ -46,6 +46,25 @@ def objective(theta: torch.Tensor, A: torch.Tensor, ref: torch.Tensor, beta: flo
     return J - lam * (pi * (logpi - torch.log(ref))).sum()  # SAIL-RevKL: minus lam KL(pi || pi_ref)
 
 
+def gradient_parts(theta: torch.Tensor, A: torch.Tensor, ref: torch.Tensor, beta: float, lam: float) -> dict[str, torch.Tensor]:
+    """The SAIL gradient split as in DESIGN.md, each part exact (``[K-1]`` tensors):
+    ``dpo = sum_ab pi_a pi_b grad l_ab`` (pairs held fixed), ``shift = sum_ab pi_a pi_b (l_ab - b)
+    (grad log pi_a + grad log pi_b)`` with baseline ``b = E[l]`` (the pairs' own distribution moves), and
+    ``revkl = -lam grad KL(pi || pi_ref)``; their sum is ``grad J``."""
+    theta = theta.detach().requires_grad_(True)
+    pi = policy(theta)
+    logpi = torch.log(pi)
+    h = beta * (logpi - torch.log(ref))
+    diff = h[:, None] - h[None, :]
+    pair = A * F.logsigmoid(diff) + A.T * F.logsigmoid(-diff)  # l_ab = E_label log sigmoid(h_w - h_l)
+    w = (pi[:, None] * pi[None, :]).detach()
+    (dpo,) = torch.autograd.grad((w * pair).sum(), theta, retain_graph=True)  # DPO part
+    adv = (pair - (w * pair).sum()).detach()  # l_ab - b
+    (shift,) = torch.autograd.grad((w * adv * (logpi[:, None] + logpi[None, :])).sum(), theta, retain_graph=True)  # shift part
+    (revkl,) = torch.autograd.grad(-lam * (pi * (logpi - torch.log(ref))).sum(), theta)  # reverse-KL part
+    return {"dpo": dpo, "shift": shift, "revkl": revkl}
+
+
 @single_thread()
 def run(A, ref, beta: float = 1.0, lam: float = 0.0, lr: float = 0.5, iters: int = 3000, start=None, hessian_every: int = 10) -> dict:
     """Plain gradient ascent with the exact gradient; per iterate: ``f``, ``||grad f||^2``; every
