@@ -89,7 +89,7 @@ def test_without_reset_comal_equals_its_inner_solver(tmp_path):
 
 
 def test_comal_inpo_runs_end_to_end(tmp_path):
-    cfg = resolve_config("halfcheetah-cyclic", "comal", SMALL + [f"run.out_dir={tmp_path}", "agent.inner_updates=2"], steps=800, seed=0)
+    cfg = resolve_config("halfcheetah-cyclic", "comal", SMALL + [f"run.out_dir={tmp_path}", "agent.inner=inpo", "agent.inner_updates=2"], steps=800, seed=0)
     folder, summary = train(cfg, quiet=True)
     state = load_checkpoint(folder)
     assert state["updates"] == 4 and state["comal"]["resets"] == 2
@@ -106,7 +106,7 @@ def test_segment_win_rates_and_config_errors():
     i, j = torch.tensor([0, 0, 1, 2]), torch.tensor([1, 2, 2, 0])
     pref1 = torch.tensor([1.0, 0.0, 1.0, 1.0])  # 0 beats 1, 2 beats 0, 1 beats 2, 2 beats 0
     torch.testing.assert_close(segment_win_rates(i, j, pref1, 4), torch.tensor([1 / 3, 1 / 2, 2 / 3, 1 / 2]))
-    for bad, msg in (("agent.inner=dpo", "agent.inner"), ("agent.eta=0", "agent.eta"), ("agent.inner_updates=-1", "inner_updates"),
-                     ("agent.revkl_coef=2", "must be <= 1")):
+    for bad, msg in ((["agent.inner=dpo"], "agent.inner"), (["agent.eta=0"], "agent.eta"), (["agent.inner_updates=-1"], "inner_updates"),
+                     (["agent.inner=inpo", "agent.revkl_coef=2"], "must be <= 1")):
         with pytest.raises(UserError, match=msg):
-            resolve_config("halfcheetah-cyclic", "comal", [bad])
+            resolve_config("halfcheetah-cyclic", "comal", bad)

@@ -45,7 +45,7 @@ INNER = ("sail-revkl", "inpo")
 
 @dataclass
 class COMALConfig(SAILConfig):
-    inner: str = "inpo"  # sail-revkl | inpo: the regularized inner solver (tau = revkl_coef)
+    inner: str = "sail-revkl"  # sail-revkl | inpo: the regularized inner solver (tau = revkl_coef)
     eta: float = 1.0  # INPO step size eta (the target moves log-ratios by at most eta per update)
     inner_updates: int = 10  # K: reset pi_ref <- pi every K updates (0: no scheduled reset)
     plateau_window: int = 0  # W: also reset when the inner objective plateaus over 2 W updates (0: off)
