@@ -237,7 +237,7 @@ def _fit_logits(pi_ref, winners, losers, loss: str, beta: float, steps: int = 20
         if loss == "dpo":
             obj = -torch.nn.functional.logsigmoid(margin).mean()  # DPO: -log sigmoid(h_w - h_l)
         else:
-            obj = ((margin - 1 / (2 * beta)) ** 2).mean()  # IPO: (h_w - h_l - 1/(2 tau))^2
+            obj = ((margin / beta - 1 / (2 * beta)) ** 2).mean()  # IPO (Azar et al.): (log-ratio_w - log-ratio_l - 1/(2 tau))^2
         opt.zero_grad()
         obj.backward()
         opt.step()
