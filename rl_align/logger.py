@@ -61,7 +61,8 @@ class Progress:
     """One status line: steps, steps/s, latest return and cost, ETA. Redrawn in place on a terminal,
     printed every ~10% of the run otherwise (log files stay readable)."""
 
-    def __init__(self, total: int, start: int = 0, stream=sys.stderr, enabled: bool = True) -> None:
+    def __init__(self, total: int, start: int = 0, stream=None, enabled: bool = True) -> None:
+        stream = stream or sys.stderr  # resolved per call so redirected stderr (pytest, tee) is honoured
         self.total, self.start, self.stream, self.enabled = total, start, stream, enabled
         self.t0 = time.perf_counter()
         self.tty = hasattr(stream, "isatty") and stream.isatty()

@@ -1,9 +1,6 @@
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("MUJOCO_GL", "egl")
 torch.set_num_threads(1)
 
 

@@ -62,3 +62,22 @@ def test_ppo_raises_inverted_pendulum_return(run_dir):
     _, summary = train(cfg, quiet=True)
     before, after = summary["initial"]["eval/return_det"], summary["final"]["eval/return_det"]
     assert before < 100 and after > 5 * before and after > 300, (before, after)
+
+
+def test_init_starts_from_another_runs_policy_and_normalizer(run_dir):
+    from rl_align.train import build_agent
+
+    folder, _ = tiny_run(run_dir, steps=256)
+    saved = load_checkpoint(folder)
+    cfg = resolve_config("halfcheetah", "ppo", [*TINY, run_dir, f"agent.init={folder}"], seed=1)
+    agent, env = build_agent(cfg)
+    env.close()
+    fresh = {k: v.clone() for k, v in agent.policy.state_dict().items()}
+    agent.prepare(cfg)
+    for k, v in agent.policy.state_dict().items():
+        assert torch.equal(v, saved["policy"][k])
+    assert any(not torch.equal(fresh[k], saved["policy"][k]) for k in fresh)  # seed 1 starts elsewhere without init
+    assert np.allclose(agent.obs_rms.mean, saved["obs_rms"]["mean"].numpy())
+    bad = resolve_config("halfcheetah", "ppo", [*TINY, run_dir, f"agent.init={folder / 'nope'}"])
+    with pytest.raises(UserError):
+        train(bad, quiet=True)

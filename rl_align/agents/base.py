@@ -81,6 +81,21 @@ class Agent:
         self.updates = 0
         self.freeze_obs_rms = False  # preference agents see states through pi_ref's frozen normalizer
 
+    def start_from(self, path) -> dict:
+        """Copy the policy and observation normalizer of a run folder or checkpoint (an "SFT" start)."""
+        from rl_align.runs import load_checkpoint
+
+        state = load_checkpoint(path)
+        if "policy" not in state or "obs_rms" not in state:
+            raise UserError(f"{path} holds no policy; give a run folder or checkpoint written by rl-align train")
+        try:
+            self.policy.load_state_dict(state["policy"])
+        except RuntimeError:
+            raise UserError(f"the policy at {path} has a different network than agent.hidden={self.config.hidden}; "
+                            "set agent.hidden / agent.activation to match it") from None
+        self.obs_rms.load_state_dict(state["obs_rms"])
+        return state
+
     # ---- acting ---------------------------------------------------------------------------------
     def normalize(self, raw_obs: np.ndarray) -> np.ndarray:
         return self.obs_rms.normalize(raw_obs) if self.config.normalize_obs else raw_obs.astype(np.float32)

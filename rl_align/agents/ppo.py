@@ -25,6 +25,7 @@ class PPOConfig(AgentConfig):
     normalize_reward: bool = False  # divide rewards by the running std of the discounted return
     clip_value: float | None = None  # clip the value update as in the PPO paper's code; None: off
     target_kl: float | None = None  # stop the epoch loop early when approx KL exceeds it
+    init: str | None = None  # run folder or checkpoint whose policy and obs normalizer this run starts from
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +56,10 @@ class PPO(Agent):
 
     def modules(self) -> dict:
         return {**super().modules(), "ret_rms": self.ret_rms}
+
+    def prepare(self, cfg) -> None:
+        if self.config.init:
+            self.start_from(self.config.init)
 
     def training_rewards(self) -> np.ndarray:
         """Rewards the critic learns from, ``[T, N]``: raw, or divided by the running std of the

@@ -130,18 +130,8 @@ class SAIL(Agent):
         self.set_reference_from(path)
 
     def set_reference_from(self, path: Path) -> None:
-        from rl_align.runs import load_checkpoint
-
-        state = load_checkpoint(path)
-        if "policy" not in state or "obs_rms" not in state:
-            raise UserError(f"{path} holds no policy; give a run folder or checkpoint written by rl-align train")
-        try:
-            self.ref_policy.load_state_dict(state["policy"])
-        except RuntimeError:
-            raise UserError(f"the reference at {path} has a different network than agent.hidden={self.config.hidden}; "
-                            "set agent.hidden / agent.activation to match it") from None
-        self.policy.load_state_dict(state["policy"])  # preference agents start from pi_ref's weights
-        self.obs_rms.load_state_dict(state["obs_rms"])
+        state = self.start_from(path)
+        self.ref_policy.load_state_dict(state["policy"])
         self.freeze_obs_rms = True  # pi and pi_ref see states through pi_ref's frozen normalizer
 
     # ---- the objective ----------------------------------------------------------------------------
