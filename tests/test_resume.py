@@ -2,12 +2,9 @@
 SIGTERM leaves a resumable run (exit 143); broken checkpoints and divergence fail with one line."""
 
 import csv
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,23 +24,14 @@ def rows(folder: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path, sigterm_cli):
     out = tmp_path / "runs"
     args = ["train", "--env", "halfcheetah", "--agent", "ppo", "--steps", str(STEPS), "--seed", "2"]
     for item in [*TINY, f"run.out_dir={out}"]:
         args += ["--set", item]
-    proc = subprocess.Popen([sys.executable, "-m", "rl_align.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until training iterations are being logged, then interrupt
-        csvs = list(out.glob("*/*/*/progress.csv"))
-        if csvs and len(csvs[0].read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    folder = csvs[0].parent
+    returncode, err, progress = sigterm_cli(args, out, "*/*/*/progress.csv")
+    assert returncode == 143, err
+    folder = progress.parent
     last = err.strip().splitlines()[-1]
     assert last.startswith("rl-align: interrupted: SIGTERM") and f"rl-align train --resume {folder}" in last, err
     assert not (folder / "summary.json").exists()

@@ -74,7 +74,7 @@ def test_mean_only_kl_leaves_log_std_alone():
 def test_two_part_gradient_matches_exact_enumeration(use_baseline):
     """Discrete stand-in: softmax policy over K responses, BT oracle from scores; pairs sampled from
     pi_theta itself. The estimator (DPO part + shift part) matches grad J by enumeration."""
-    K, beta, n = 4, 1.0, 40_000
+    beta, n = 1.0, 40_000  # K = 4 responses
     gen = torch.Generator().manual_seed(0)
     theta = torch.tensor([0.3, -0.2, 0.5, 0.0], requires_grad=True)
     ref_logits = torch.tensor([0.0, 0.4, -0.3, 0.1])

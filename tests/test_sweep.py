@@ -98,26 +98,12 @@ def test_same_sweep_on_a_local_ray_instance(tmp_path):
         ray.shutdown()
 
 
-def test_sigterm_stops_the_sweep_and_rerun_resumes_the_interrupted_trial(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    cmd = [sys.executable, "-m", "rl_align.cli", "sweep", "--env", "inverted-pendulum", "--agent", "ppo", "--steps", "6144",
-           "--grid", "agent.gamma=0.99", "--seeds", "0", "--workers", "1", "--name", "cut", "--root", str(tmp_path),
-           *[x for item in [*TINY, "run.checkpoint_every=256"] for x in ("--set", item)]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        csvs = list((tmp_path / "cut").glob("trials/*/*/*/*/progress.csv"))
-        if csvs and len(csvs[0].read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+def test_sigterm_stops_the_sweep_and_rerun_resumes_the_interrupted_trial(tmp_path, sigterm_cli):
+    args = ["sweep", "--env", "inverted-pendulum", "--agent", "ppo", "--steps", "6144",
+            "--grid", "agent.gamma=0.99", "--seeds", "0", "--workers", "1", "--name", "cut", "--root", str(tmp_path),
+            *[x for item in [*TINY, "run.checkpoint_every=256"] for x in ("--set", item)]]
+    returncode, err, _ = sigterm_cli(args, tmp_path / "cut", "trials/*/*/*/*/progress.csv")
+    assert returncode == 143, err
     assert "re-run the same sweep command to resume" in err.strip().splitlines()[-1]
     row = read_index(tmp_path / "cut")["gamma=0.99-s0"]
     assert row["status"] == "interrupted" and "SIGTERM" in row["error"]
