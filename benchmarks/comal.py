@@ -14,6 +14,7 @@ oscillation); then ``rl-align tournament`` plays the final policies against each
 reference. Results go to ``<out>/results.json`` and the tournament files to ``<out>/tournament/``.
 
     nice -n 10 python benchmarks/comal.py --steps 20000 --seed 0
+    python benchmarks/comal.py --curves runs/bench-comal/results.json   # win rate vs reference over training
 """
 
 from __future__ import annotations
@@ -42,6 +43,32 @@ def train_agent(env: str, agent: str, steps: int, seed: int, out: Path, eval_eve
             "win_rate_curve": curve, "queries": summary["queries_used"]}
 
 
+def plot_curves(results: list[Path], out: Path) -> None:
+    """Win rate against the reference over training, one panel per results.json (seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.8), squeeze=False)
+    for ax, path in zip(axes[0], results):
+        data = json.loads(Path(path).read_text())
+        for r in data["runs"]:
+            x, y = zip(*r["win_rate_curve"])
+            ax.plot(x, y, marker=".", label=r["agent"])
+        ax.axhline(0.5, color="k", lw=0.8, ls=":")
+        ax.set_title(f"{data['args']['env']}, seed {data['args']['seed']}")
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("win rate vs reference (stochastic)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", default="halfcheetah-cyclic")
@@ -52,7 +79,12 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=8, help="tournament episodes per policy")
     p.add_argument("--set", action="append", default=[], help="override for every agent, e.g. agent.ref_steps=20000")
     p.add_argument("--out", default="runs/bench-comal")
+    p.add_argument("--curves", nargs="+", type=Path, metavar="RESULTS_JSON",
+                   help="only plot the win-rate curves of these results.json files into --curves-out")
+    p.add_argument("--curves-out", type=Path, default=Path("docs/comal/win_rate_curves.png"))
     args = p.parse_args()
+    if args.curves:
+        return plot_curves(args.curves, args.curves_out)
     out = Path(args.out)
     results = []
     for agent in args.agents:
