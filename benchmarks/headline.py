@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 AGENTS = ("ppo", "rlhf", "online-dpo", "sail", "sail-revkl")
-WIN_EPISODES = 4  # episodes per side for the post-hoc win rate against the reference
+WIN_EPISODES = 16  # episodes per side for the post-hoc win rate against the reference (Hopper: few 50-step windows per episode)
 
 
 def agent_overrides(agent: str, steps: int, queries: int, ref: Path, revkl_coef: float) -> list[str]:
@@ -63,10 +63,8 @@ def curve(rows: list[dict], x_key: str) -> list[tuple[float, float]]:
 
 def run_one(env: str, agent: str, seed: int, steps: int, queries: int, eval_every: int, out_dir: str, revkl_coef: float) -> dict:
     from rl_align.agents.sail import auto_reference
-    from rl_align.evaluation import load_agent
-    from rl_align.envs.oracles import Oracle
     from rl_align.runs import resolve_config
-    from rl_align.train import train, win_rate
+    from rl_align.train import train
 
     common = ["run.progress=false", f"run.out_dir={out_dir}", "run.eval_episodes=5", f"run.eval_every={eval_every}"]
     ref = auto_reference(resolve_config(env, "sail-revkl", common, steps=steps, seed=seed))
@@ -82,16 +80,40 @@ def run_one(env: str, agent: str, seed: int, steps: int, queries: int, eval_ever
         half = float(np.interp(steps / 2, *zip(*by_steps)))
     else:
         half = float(np.interp(queries / 2, *zip(*by_queries)))
-    # win rate vs the reference, identical for every agent (the env's oracle, no queries spent)
-    _, trained = load_agent(folder)
-    _, ref_agent = load_agent(ref)
-    oracle = Oracle(dataclasses.replace(cfg.env.oracle, budget=None), seed=seed)
-    wr = win_rate(trained, ref_agent, cfg.env, oracle, WIN_EPISODES, 50, seed=seed + 500_000)
+    wr = win_rate_vs_ref(folder, ref, cfg, seed)
     fin = summary["final"]
     return {"env": env, "agent": agent, "seed": seed, "steps": steps, "queries_budget": queries if agent != "ppo" else 0,
             "queries_used": summary.get("queries_used", 0), "overrides": cfg_overrides, "ref_return_det": summary["initial"]["eval/return_det"],
             "return_det": fin["eval/return_det"], "return_stoch": fin["eval/return_stoch"], "return_half_queries": half,
-            "win_rate_vs_ref": wr, "wall_s": wall, "folder": str(folder), "curve_steps": by_steps, "curve_queries": by_queries}
+            "win_rate_vs_ref": wr, "win_episodes": WIN_EPISODES, "ref": str(ref), "wall_s": wall, "folder": str(folder), "curve_steps": by_steps, "curve_queries": by_queries}
+
+
+def win_rate_vs_ref(folder, ref, cfg, seed: int) -> float:
+    """The same measurement for every agent: the env's oracle (no budget, no query spent) on matched
+    50-step windows of stochastic rollouts of the policy and the reference on the same env seeds."""
+    from rl_align.envs.oracles import Oracle
+    from rl_align.evaluation import load_agent
+    from rl_align.train import win_rate
+
+    _, trained = load_agent(folder)
+    _, ref_agent = load_agent(ref)
+    oracle = Oracle(dataclasses.replace(cfg.env.oracle, budget=None), seed=seed)
+    return win_rate(trained, ref_agent, cfg.env, oracle, WIN_EPISODES, 50, seed=seed + 500_000)
+
+
+def rescore(path: Path) -> None:
+    """Recompute every row's win rate with the current WIN_EPISODES (the run folders are kept)."""
+    from rl_align.runs import load_run_config
+
+    rows = load(path)
+    # rows written before "ref" was recorded: the ppo / rlhf rows of the same env and seed name it in agent.init
+    refs = {(x["env"], x["seed"]): o.split("=", 1)[1] for x in rows for o in x["overrides"] if o.startswith("agent.init=")}
+    for r in rows:
+        ref = r.get("ref") or refs[(r["env"], r["seed"])]
+        r["win_rate_vs_ref"] = win_rate_vs_ref(r["folder"], ref, load_run_config(Path(r["folder"])), r["seed"])
+        r["win_episodes"] = WIN_EPISODES
+        print(r["env"], r["agent"], r["seed"], round(r["win_rate_vs_ref"], 3), flush=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def load(path: Path) -> list[dict]:
@@ -100,16 +122,19 @@ def load(path: Path) -> list[dict]:
 
 def table(rows: list[dict]) -> None:
     ms = lambda v: f"{np.mean(v):,.0f} ± {np.std(v):,.0f}" if len(v) > 1 else f"{v[0]:,.0f}"  # noqa: E731
-    print("| env | agent | seeds | start (ref) | final true return | return at half queries | win rate vs ref | queries used | wall-clock (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| env | agent | seeds | start (ref, det) | final return det | final return stoch | det return at half queries "
+          "| win rate vs ref | queries used | wall-clock (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for env in dict.fromkeys(r["env"] for r in rows):
         for agent in AGENTS:
             g = [r for r in rows if r["env"] == env and r["agent"] == agent]
             if not g:
                 continue
             col = lambda k: [r[k] for r in g]  # noqa: E731
-            print(f"| {env} | {agent} | {len(g)} | {ms(col('ref_return_det'))} | {ms(col('return_det'))} | {ms(col('return_half_queries'))} | "
-                  f"{np.mean(col('win_rate_vs_ref')):.3f} | {np.mean(col('queries_used')):,.0f} | {np.mean(col('wall_s')):.0f} |")
+            wr = [w for w in col("win_rate_vs_ref") if w == w]
+            wr_s = f"{np.mean(wr):.2f}" + (f" ({len(wr)} of {len(g)} seeds)" if len(wr) < len(g) else "") if wr else "n/a"
+            print(f"| {env} | {agent} | {len(g)} | {ms(col('ref_return_det'))} | {ms(col('return_det'))} | {ms(col('return_stoch'))} | "
+                  f"{ms(col('return_half_queries'))} | {wr_s} | {np.mean(col('queries_used')):,.0f} | {np.mean(col('wall_s')):.0f} |")
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -163,8 +188,11 @@ def main() -> None:
     p.add_argument("--out-dir", default="runs", help="runs/ keeps the cached auto references shared with other runs")
     p.add_argument("--results", default="benchmarks/headline.jsonl")
     p.add_argument("--table", action="store_true")
+    p.add_argument("--rescore", action="store_true", help="recompute the win rates of the rows in --results")
     p.add_argument("--plot", type=Path)
     a = p.parse_args()
+    if a.rescore:
+        return rescore(Path(a.results))
     if a.table or a.plot:
         rows = load(Path(a.results))
         if a.table:
