@@ -177,3 +177,14 @@ def test_query_budget_is_respected_and_spent_budget_skips_the_update():
     assert used == [30, 30, 30] and agent.oracle.queries == 30
     assert m.get("train/skipped") == 1.0
     assert torch.equal(before, torch.nn.utils.parameters_to_vector(agent.policy.parameters()))
+
+
+def test_auto_reference_is_trained_once_and_shared_across_oracle_settings(tmp_path):
+    from rl_align.agents.sail import auto_reference
+
+    common = [f"run.out_dir={tmp_path}", "agent.ref_steps=256", "run.eval_episodes=1", "env.max_episode_steps=100"]
+    a = auto_reference(resolve_config("halfcheetah-pref", "sail-revkl", common, seed=0))
+    b = auto_reference(resolve_config("halfcheetah-pref", "sail-revkl", [*common, "env.oracle.budget=100"], seed=0))
+    c = auto_reference(resolve_config("halfcheetah-pref", "sail-revkl", common, seed=1))
+    assert a == b and a != c  # the oracle never touches PPO on the true reward; the seed does
+    assert len(list((tmp_path / "_refs").glob("*/summary.json"))) == 2

@@ -260,7 +260,8 @@ def auto_reference(cfg) -> Path:
     _, ref_data = _agent_data(c.ref_agent)
     ref_data = {k: v for k, v in ref_data.items() if k not in ("algo", "description", "run")}
     ref_data.update(hidden=list(c.hidden), activation=c.activation)  # same network as the preference agent
-    key_data = {"env": to_dict(cfg.env), "agent": ref_data, "ref_agent": c.ref_agent, "steps": c.ref_steps, "seed": cfg.run.seed}
+    env_key = {k: v for k, v in to_dict(cfg.env).items() if k != "oracle"}  # PPO on the true reward never asks the oracle
+    key_data = {"env": env_key, "agent": ref_data, "ref_agent": c.ref_agent, "steps": c.ref_steps, "seed": cfg.run.seed}
     digest = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:10]
     folder = Path(cfg.run.out_dir) / "_refs" / f"{cfg.env_name.replace('/', '_')}-{digest}-s{cfg.run.seed}"
     if (folder / "summary.json").exists():
