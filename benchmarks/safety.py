@@ -58,6 +58,7 @@ def plot(results: list[dict], out: Path) -> None:
     ax1.axhline(results[0]["limit"], color="k", ls="--", lw=1, label="limit d")
     ax1.set_ylabel("episode cost")
     ax1.set_yscale("symlog", linthresh=10)
+    ax1.set_ylim(bottom=0)
     ax1.legend(fontsize=8)
     ax2.set_ylabel("multiplier lambda")
     ax2.set_xlabel("env steps")
