@@ -128,8 +128,8 @@ def test_labels_not_rewards_drive_the_policy(tmp_path):
     print("forward", np.round(fwd, 2), "backward", np.round(bwd, 2))
     assert fwd[0] == bwd[0]  # the first rollout comes from the same initial policy
     # measured at seed 3: forward -0.03 -> 0.24, backward -0.03 -> -0.21 (mean of the last 3 rollouts)
-    assert fwd[-3:].mean() > fwd[0] + 0.15 and fwd[-3:].mean() > 0.1, fwd
-    assert bwd[-3:].mean() < bwd[0] - 0.1 and bwd[-3:].mean() < fwd[-3:].mean() - 0.3, bwd
+    assert fwd[-3:].mean() > fwd[0] + 0.2 and fwd[-3:].mean() > 0, fwd
+    assert bwd[-3:].mean() < -0.15 and bwd[-3:].mean() < fwd[-3:].mean() - 0.4, bwd
 
 
 def test_run_writes_pl_scalars_to_tensorboard_and_csv(tmp_path):
