@@ -33,13 +33,13 @@ AGENTS = ("ppo", "rlhf", "online-dpo", "sail", "sail-revkl")
 WIN_EPISODES = 16  # episodes per side for the post-hoc win rate against the reference (Hopper: few 50-step windows per episode)
 
 
-def agent_overrides(agent: str, steps: int, queries: int, ref: Path, revkl_coef: float) -> list[str]:
+def agent_overrides(env: str, agent: str, steps: int, queries: int, ref: Path, revkl_coef: float) -> list[str]:
     """Overrides that give ``agent`` the reference start and an evenly spent query budget."""
     from rl_align.runs import resolve_config
 
     if agent == "ppo":
         return [f"agent.init={ref}"]
-    cfg = resolve_config("halfcheetah-pref", agent, [])  # only the rollout shape is read here
+    cfg = resolve_config(env, agent, [])  # only the rollout shape is read here
     per_rollout = cfg.agent.n_envs * cfg.agent.n_steps
     rollouts = max(1, steps // per_rollout)
     per_update = max(1, math.ceil(queries / rollouts))
@@ -68,7 +68,7 @@ def run_one(env: str, agent: str, seed: int, steps: int, queries: int, eval_ever
 
     common = ["run.progress=false", f"run.out_dir={out_dir}", "run.eval_episodes=5", f"run.eval_every={eval_every}"]
     ref = auto_reference(resolve_config(env, "sail-revkl", common, steps=steps, seed=seed))
-    cfg_overrides = agent_overrides(agent, steps, queries, ref, revkl_coef)
+    cfg_overrides = agent_overrides(env, agent, steps, queries, ref, revkl_coef)
     cfg = resolve_config(env, agent, common + cfg_overrides, steps=steps, seed=seed)
     t0 = time.perf_counter()
     folder, summary = train(cfg, quiet=True)
@@ -106,11 +106,8 @@ def rescore(path: Path) -> None:
     from rl_align.runs import load_run_config
 
     rows = load(path)
-    # rows written before "ref" was recorded: the ppo / rlhf rows of the same env and seed name it in agent.init
-    refs = {(x["env"], x["seed"]): o.split("=", 1)[1] for x in rows for o in x["overrides"] if o.startswith("agent.init=")}
     for r in rows:
-        ref = r.get("ref") or refs[(r["env"], r["seed"])]
-        r["win_rate_vs_ref"] = win_rate_vs_ref(r["folder"], ref, load_run_config(Path(r["folder"])), r["seed"])
+        r["win_rate_vs_ref"] = win_rate_vs_ref(r["folder"], r["ref"], load_run_config(Path(r["folder"])), r["seed"])
         r["win_episodes"] = WIN_EPISODES
         print(r["env"], r["agent"], r["seed"], round(r["win_rate_vs_ref"], 3), flush=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
