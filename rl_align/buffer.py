@@ -45,7 +45,11 @@ def gae(
 
 @dataclass
 class Segments:
-    """``M`` contiguous windows of ``H`` steps, each inside one episode. ``rewards`` is for oracles only."""
+    """``M`` windows of ``H`` steps, each inside one episode. ``rewards`` is for oracles only.
+
+    A window that ends with a terminated episode (a fall) may hold fewer than ``H`` real steps; it is
+    padded with an absorbing state: ``mask`` is False on the padding, where reward, cost, features and
+    log-probs are 0 (so every segment sum, the oracle's score included, counts only what happened)."""
 
     env: np.ndarray  # [M] env index
     start: np.ndarray  # [M] first time index
@@ -55,6 +59,7 @@ class Segments:
     rewards: np.ndarray  # [M, H] true reward: the oracle's, never an agent's
     costs: np.ndarray  # [M, H]
     features: np.ndarray  # [M, H, 3]
+    mask: np.ndarray  # [M, H] bool: True on real steps, False on the absorbing padding after a fall
 
     def __len__(self) -> int:
         return len(self.env)
@@ -118,27 +123,36 @@ class RolloutBuffer:
     def segments(self, H: int) -> Segments:
         """Non-overlapping windows of ``H`` steps that never cross an episode boundary.
 
-        A window may end on the step that ends an episode, never after it. Windows tile each episode
-        piece from its first step in the buffer; a remainder shorter than ``H`` is dropped."""
+        Windows tile each episode piece from its first step in the buffer and may end on the step that
+        ends an episode, never after it. The remainder of a *terminated* episode (the steps up to a
+        fall) becomes one more window, padded to ``H`` with the absorbing state (``Segments.mask``), so
+        the oracle sees falls; the remainder before a truncation or the rollout's end is dropped (the
+        episode goes on, and its steps are judged in the next rollout's windows)."""
         if H < 1 or H > self.T:
             raise ValueError(f"segment length {H} must be in [1, n_steps={self.T}]")
-        envs, starts = [], []
+        envs, starts, lengths = [], [], []
         done = self.done
         for n in range(self.N):
-            ends = np.flatnonzero(done[:, n])
             piece_start = 0
-            for end in list(ends) + [self.T - 1]:
-                for s in range(piece_start, end - H + 2, H):
-                    envs.append(n)
-                    starts.append(s)
+            for end in list(np.flatnonzero(done[:, n])) + [self.T - 1]:
+                full = max(0, end - piece_start + 1) // H
+                envs += [n] * full
+                starts += list(range(piece_start, piece_start + full * H, H))
+                lengths += [H] * full
+                rest = piece_start + full * H
+                if rest <= end and self.terminated[end, n]:  # a fall inside the last partial window
+                    envs.append(n), starts.append(rest), lengths.append(end - rest + 1)
                 piece_start = end + 1
         env = np.asarray(envs, dtype=np.int64)
         start = np.asarray(starts, dtype=np.int64)
-        t_idx = start[:, None] + np.arange(H)[None, :]  # [M, H]
+        length = np.asarray(lengths, dtype=np.int64)
+        t_idx = start[:, None] + np.minimum(np.arange(H)[None, :], length[:, None] - 1)  # padding repeats the last real state
+        mask = np.arange(H)[None, :] < length[:, None]  # [M, H]
         n_idx = env[:, None]
+        zero = lambda a: np.where(mask.reshape(mask.shape + (1,) * (a.ndim - 2)), a, 0).astype(a.dtype)  # noqa: E731
         return Segments(
-            env, start, self.obs[t_idx, n_idx], self.actions[t_idx, n_idx], self.logp[t_idx, n_idx],
-            self.rewards[t_idx, n_idx], self.costs[t_idx, n_idx], self.features[t_idx, n_idx],
+            env, start, self.obs[t_idx, n_idx], self.actions[t_idx, n_idx], zero(self.logp[t_idx, n_idx]),
+            zero(self.rewards[t_idx, n_idx]), zero(self.costs[t_idx, n_idx]), zero(self.features[t_idx, n_idx]), mask,
         )
 
     @staticmethod

@@ -1,15 +1,24 @@
 """PL-gap and curvature diagnostics for any agent with a scalar objective ``f`` to maximize.
 
-DESIGN.md, "PL-gap diagnostics": on the current batch before the update, ``f`` and ``||grad f||^2``;
-``f_star`` (user-given, else the best ``f`` seen), ``gap = f_star - f`` and the PL ratio
-``mu_hat = ||grad f||^2 / (2 gap)`` with its running minimum (the PL condition with constant mu holds
-along the run iff ``mu_hat >= mu``); every ``curvature_every`` measurements the largest and smallest
-Hessian eigenvalues of ``f`` by Lanczos on Hessian-vector products (``lambda_max > 0``: not concave).
-All scalars are returned under ``pl/``.
+DESIGN.md, "PL-gap diagnostics". ``f`` is one function: the agent's objective on a fixed batch, as a
+function of the policy's parameters. At each measurement (every ``every`` updates):
+
+* ``f`` and ``||grad f||^2`` at the current parameters;
+* ``f_star``: user-given, else the maximum of that same ``f`` found by ``fstar_steps`` Adam steps on a
+  copy of the policy (the live policy is untouched); ``gap = f_star - f``;
+* the PL ratio ``mu_hat = ||grad f||^2 / (2 gap)`` (where ``gap > eps``) and its running minimum: the
+  PL condition with constant mu holds along the run iff ``mu_hat >= mu``;
+* every ``curvature_every`` measurements the largest and smallest Hessian eigenvalues of ``f`` by
+  Lanczos on Hessian-vector products (``lambda_max > 0``: not concave there).
+
+The maximization finds a local maximum near the current parameters; for a PL function every local
+maximum is global, and where ``f`` is not PL the ratio computed against a local ``f_star`` is an upper
+bound of the global one (a small ratio is then conclusive, a large one is not). All scalars under ``pl/``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -18,10 +27,12 @@ import numpy as np
 import torch
 
 Objective = Callable[[], torch.Tensor]
+ModuleObjective = Callable[[torch.nn.Module], torch.Tensor]
 
 
-def flat_grad(f: torch.Tensor, params: list[torch.nn.Parameter], create_graph: bool = False) -> torch.Tensor:
-    grads = torch.autograd.grad(f, params, create_graph=create_graph, allow_unused=True)
+def flat_grad(f: torch.Tensor, params: list[torch.nn.Parameter], create_graph: bool = False, retain_graph: bool | None = None) -> torch.Tensor:
+    """``grad f`` in ``params`` as one flat vector (zeros for parameters ``f`` does not use)."""
+    grads = torch.autograd.grad(f, params, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
@@ -62,33 +73,50 @@ def hessian_extremes(objective: Objective, params: list[torch.nn.Parameter], ite
 
 @dataclass
 class DiagnosticsConfig:
-    every: int = 1  # measure f, ||grad f||^2, gap and PL ratio every this many updates (0: off)
-    curvature_every: int = 10  # Hessian eigenvalues every this many measurements (0: off)
+    every: int = 10  # measure f, ||grad f||^2, f_star, gap and PL ratio every this many updates (0: off)
+    curvature_every: int = 1  # Hessian eigenvalues every this many measurements (0: off)
     lanczos_iters: int = 15
-    f_star: float | None = None  # known optimum of f; None: the best f seen so far
+    f_star: float | None = None  # known optimum of f; None: maximize f on a copy of the policy
+    fstar_steps: int = 200  # Adam steps of that maximization
+    fstar_lr: float = 3e-3
     gap_eps: float = 1e-8  # PL ratio only where gap > eps
 
 
+def maximize(f: ModuleObjective, module: torch.nn.Module, steps: int, lr: float) -> float:
+    """The largest ``f`` found by Adam ascent on a copy of ``module`` (``module`` itself is untouched)."""
+    twin = copy.deepcopy(module).requires_grad_(True)
+    opt = torch.optim.Adam(twin.parameters(), lr=lr)
+    best = -math.inf
+    for _ in range(steps):
+        value = f(twin)
+        best = max(best, float(value.detach()))
+        opt.zero_grad(set_to_none=True)
+        (-value).backward()
+        opt.step()
+    with torch.no_grad():
+        return max(best, float(f(twin)))
+
+
 class PLDiagnostics:
-    """Tracks ``f_star``, the PL ratio's running minimum, and measures on request."""
+    """Measures on request; keeps the PL ratio's running minimum (a component with its own state)."""
 
     def __init__(self, config: DiagnosticsConfig) -> None:
         self.config = config
-        self.best = -math.inf
         self.min_ratio = math.inf
         self.measurements = 0
 
     def due(self, update_index: int) -> bool:
         return self.config.every > 0 and update_index % self.config.every == 0
 
-    def measure(self, objective: Objective, params: list[torch.nn.Parameter]) -> dict[str, float]:
-        """``pl/`` scalars at the current parameters; ``objective()`` rebuilds ``f`` on a fixed batch."""
+    def measure(self, f: ModuleObjective, module: torch.nn.Module) -> dict[str, float]:
+        """``pl/`` scalars of ``f(module)`` at ``module``'s current parameters (``f`` rebuilds the
+        objective on a fixed batch for any module of the same shape)."""
         c = self.config
-        f = objective()
-        g = flat_grad(f, params)
-        fv, g2 = float(f.detach()), float(g @ g)
-        self.best = max(self.best, fv)
-        f_star = c.f_star if c.f_star is not None else self.best
+        params = [p for p in module.parameters() if p.requires_grad]
+        value = f(module)
+        g = flat_grad(value, params)
+        fv, g2 = float(value.detach()), float(g @ g)
+        f_star = c.f_star if c.f_star is not None else max(fv, maximize(f, module, c.fstar_steps, c.fstar_lr))
         gap = f_star - fv
         out = {"pl/f": fv, "pl/grad_norm_sq": g2, "pl/f_star": f_star, "pl/gap": gap}
         if gap > c.gap_eps:
@@ -98,13 +126,13 @@ class PLDiagnostics:
         if math.isfinite(self.min_ratio):
             out["pl/ratio_min"] = self.min_ratio
         if c.curvature_every > 0 and self.measurements % c.curvature_every == 0:
-            lmax, lmin = hessian_extremes(objective, params, c.lanczos_iters, seed=self.measurements)
+            lmax, lmin = hessian_extremes(lambda: f(module), params, c.lanczos_iters, seed=self.measurements)
             out["pl/lambda_max"], out["pl/lambda_min"] = lmax, lmin
         self.measurements += 1
         return out
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "min_ratio": self.min_ratio, "measurements": self.measurements}
+        return {"min_ratio": self.min_ratio, "measurements": self.measurements}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.min_ratio, self.measurements = float(state["best"]), float(state["min_ratio"]), int(state["measurements"])
+        self.min_ratio, self.measurements = float(state["min_ratio"]), int(state["measurements"])

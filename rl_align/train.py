@@ -10,6 +10,7 @@ import io
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -113,8 +114,9 @@ def win_rate(agent: Agent, other: Agent, env_config: EnvConfig, oracle: Oracle, 
 
 
 def eval_metrics(agent: Agent, cfg: RunConfig) -> dict[str, float]:
-    """``eval/`` scalars: deterministic and stochastic return, episode cost and violation."""
-    m: dict[str, float] = {}
+    """``eval/`` scalars: deterministic and stochastic return (each over ``run.eval_episodes`` episodes with
+    distinct reset seeds, with their spread), episode cost and violation."""
+    m: dict[str, float] = {"eval/episodes": float(cfg.run.eval_episodes)}
     for mode, det in (("det", True), ("stoch", False)):
         res = evaluate(agent, cfg.env, cfg.run.eval_episodes, seed=cfg.run.seed + 100_000, deterministic=det)
         m[f"eval/return_{mode}"] = float(res["return"].mean())
@@ -246,9 +248,10 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
         logger.record_dict(first_eval)
         logger.dump(0)
         loop = {"next_eval": run.eval_every or run.steps + 1, "next_ckpt": ckpt_every, "iteration": 0,
-                "first_eval": first_eval, "wall_time_s": 0.0, "history": []}
+                "first_eval": first_eval, "wall_time_s": 0.0, "history": [], "labelled": False}
     else:
         loop = {k: saved["loop"][k] for k in ("next_eval", "next_ckpt", "iteration", "first_eval", "wall_time_s", "history")}
+        loop["labelled"] = saved["loop"].get("labelled", True)
         history.extend(tuple(e) for e in loop["history"])
         first_eval = loop["first_eval"]
         if saved["loop"]["env"] is not None:
@@ -264,6 +267,7 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
         loop.update(history=list(history), wall_time_s=wall_before + time.perf_counter() - t_start)
         _loop_checkpoint(folder, agent, env, obs, tracker, loop)
 
+    notes: list[str] = []
     try:
         while agent.env_steps < run.steps:
             t0 = time.perf_counter()
@@ -274,6 +278,11 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
             metrics = agent.update()
             loop["iteration"] += 1
             check_finite(agent, metrics, agent.env_steps)
+            loop["labelled"] = loop["labelled"] or not metrics.get("train/skipped")
+            if not loop["labelled"] and not notes and agent.oracle is not None and agent.oracle.remaining() == 0:
+                notes.append(f"the oracle's query budget (env.oracle.budget={agent.oracle.config.budget}) was spent before the first "
+                             "update, so the policy does not change; raise env.oracle.budget")
+                print(f"rl-align: note: {notes[-1]}", file=sys.stderr)
             dt = time.perf_counter() - t0
             steps_it = agent.buffer.T * agent.buffer.N
             logger.record_dict(metrics)
@@ -317,6 +326,7 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
         "env_steps": agent.env_steps, "wall_time_s": wall, "iterations": loop["iteration"],
         "initial": first_eval, "final": final,
         "queries_used": agent.oracle.queries if agent.oracle is not None else 0,
+        "eval_episodes": run.eval_episodes, "notes": notes,
     }
     write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2))
     return folder, summary

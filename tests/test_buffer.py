@@ -42,13 +42,35 @@ def test_segments_never_span_two_episodes():
         segs = buf.segments(H)
         assert segs.rewards.shape == (len(segs), H)
         for k in range(len(segs)):
-            n, s = segs.env[k], segs.start[k]
-            np.testing.assert_array_equal(segs.rewards[k], np.arange(s, s + H) + 100 * n)
-            assert len(set(episode_id[s : s + H, n])) == 1, "a segment crosses an episode boundary"
+            n, s, L = segs.env[k], segs.start[k], int(segs.mask[k].sum())
+            assert segs.mask[k, :L].all() and not segs.mask[k, L:].any()  # real steps first, then padding
+            np.testing.assert_array_equal(segs.rewards[k, :L], np.arange(s, s + L) + 100 * n)
+            assert (segs.rewards[k, L:] == 0).all() and (segs.logp[k, L:] == 0).all()  # the absorbing state
+            assert len(set(episode_id[s : s + L, n])) == 1, "a segment crosses an episode boundary"
+            if L < H:  # only a fall ends a window early
+                assert buf.terminated[s + L - 1, n]
         starts = [(n, s) for n, s in zip(segs.env, segs.start)]
         assert len(starts) == len(set(starts))
     with pytest.raises(ValueError):
         buf.segments(41)
+
+
+def test_a_terminated_episodes_final_window_is_labelled():
+    """One env, H = 10: an episode falls at t = 24, so steps 20..24 form a padded window the oracle
+    judges (its return counts only those 5 steps); a truncation's remainder is left for later."""
+    from rl_align.envs import Oracle, OracleConfig
+
+    buf = RolloutBuffer(n_steps=40, n_envs=1, obs_dim=2, act_dim=1)
+    buf.rewards[:] = 1.0
+    buf.terminated[24, 0] = True
+    buf.truncated[36, 0] = True
+    segs = buf.segments(10)
+    assert list(segs.start) == [0, 10, 20, 25]  # 20..24 padded; 35..36 before the truncation dropped
+    assert segs.mask.sum(-1).tolist() == [10, 10, 5, 10]
+    ret = Oracle(OracleConfig()).returns(segs)
+    assert ret.tolist() == [10.0, 10.0, 5.0, 10.0]
+    lab = Oracle(OracleConfig()).label(segs.take(np.array([2])), segs.take(np.array([0])))
+    assert lab.tolist() == [0.0]  # the window with the fall loses to a full one
 
 
 def test_pairs_all_or_subsampled():

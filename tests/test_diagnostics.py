@@ -1,10 +1,19 @@
-"""PL-gap and curvature diagnostics on a quadratic whose Hessian and PL constant are known."""
+"""PL-gap and curvature diagnostics on functions whose Hessian and PL constant are known."""
 
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import minimize_scalar
 
 from rl_align.diagnostics import DiagnosticsConfig, PLDiagnostics, hessian_extremes
+
+
+class Point(torch.nn.Module):
+    """A parameter vector standing in for a policy: the diagnostics take ``f(module)`` and the module."""
+
+    def __init__(self, x) -> None:
+        super().__init__()
+        self.x = torch.nn.Parameter(torch.as_tensor(x, dtype=torch.float32).clone())
 
 
 def _quadratic(eigs, seed=0):
@@ -13,47 +22,74 @@ def _quadratic(eigs, seed=0):
     Q, _ = np.linalg.qr(rng.normal(size=(len(eigs), len(eigs))))
     A = torch.tensor(Q @ np.diag(eigs) @ Q.T, dtype=torch.float32)
     x_star = torch.tensor(rng.normal(size=len(eigs)), dtype=torch.float32)
-    x = torch.nn.Parameter(torch.tensor(rng.normal(size=len(eigs)) * 3, dtype=torch.float32))
-    f = lambda: -0.5 * (x - x_star) @ A @ (x - x_star)  # noqa: E731
-    return f, x
+    f = lambda m: -0.5 * (m.x - x_star) @ A @ (m.x - x_star)  # noqa: E731
+    return f, Point(rng.normal(size=len(eigs)) * 3)
 
 
 def test_lanczos_recovers_hessian_extremes():
     eigs = [0.3, 1.0, 2.0, 5.0, 7.5, 12.0]
-    f, x = _quadratic(eigs)
-    lmax, lmin = hessian_extremes(f, [x], iters=6)
+    f, p = _quadratic(eigs)
+    lmax, lmin = hessian_extremes(lambda: f(p), [p.x], iters=6)
     assert lmax == pytest.approx(-0.3, abs=1e-3)  # Hessian is -A
     assert lmin == pytest.approx(-12.0, abs=1e-3)
+
+
+def test_f_star_by_maximization_gives_the_pl_constant_of_a_quadratic():
+    """Isotropic quadratic with curvature a: mu_hat = ||grad||^2 / (2 gap) = a exactly, with f* = 0 found by
+    maximizing a copy (not given); the live parameters are untouched by that maximization."""
+    f, p = _quadratic([2.5, 2.5, 2.5], seed=2)
+    before = p.x.detach().clone()
+    m = PLDiagnostics(DiagnosticsConfig(every=1, curvature_every=0, fstar_steps=600, fstar_lr=0.05)).measure(f, p)
+    assert torch.equal(p.x.detach(), before)
+    assert abs(m["pl/f_star"]) < 1e-3 * abs(m["pl/f"])
+    assert m["pl/ratio"] == pytest.approx(2.5, rel=0.1)
+
+
+def test_pl_ratio_of_a_strongly_concave_function_on_a_fixed_batch():
+    """L2-regularized logistic log-likelihood on a fixed batch (1-D, strongly concave): near its maximum
+    the PL ratio tends to the curvature |f''(w*)|, computed here independently (scipy finds w*)."""
+    gen = np.random.default_rng(0)
+    xs, mu = gen.normal(size=200), 0.3
+    ys = np.where(gen.random(200) < 1 / (1 + np.exp(-1.5 * xs)), 1.0, -1.0)
+    f_np = lambda w: np.mean(-np.log1p(np.exp(-ys * xs * w))) - 0.5 * mu * w**2  # noqa: E731
+    w_star = minimize_scalar(lambda w: -f_np(w)).x
+    s = 1 / (1 + np.exp(-ys * xs * w_star))
+    curvature = np.mean(s * (1 - s) * xs**2) + mu  # |f''(w*)|
+    X, Y = torch.tensor(xs, dtype=torch.float32), torch.tensor(ys, dtype=torch.float32)
+    f = lambda m: torch.nn.functional.logsigmoid(Y * X * m.x[0]).mean() - 0.5 * mu * m.x[0] ** 2  # noqa: E731
+    m = PLDiagnostics(DiagnosticsConfig(every=1, curvature_every=1, fstar_steps=800, fstar_lr=0.01)).measure(f, Point([w_star + 0.05]))
+    assert m["pl/ratio"] == pytest.approx(curvature, rel=0.1)
+    assert m["pl/lambda_max"] == pytest.approx(-curvature, rel=0.1)  # concave there: lambda_max < 0
 
 
 def test_pl_ratio_recovers_the_pl_constant_along_gradient_ascent():
     """For a strongly concave quadratic the PL ratio ||g||^2 / (2 gap) is >= lambda_min(A), and
     gradient ascent drives it to lambda_min(A) as the iterate aligns with the flattest direction."""
     eigs = [0.5, 1.0, 3.0, 4.0]
-    f, x = _quadratic(eigs, seed=1)
-    diag = PLDiagnostics(DiagnosticsConfig(f_star=0.0, curvature_every=0))
+    f, p = _quadratic(eigs, seed=1)
+    diag = PLDiagnostics(DiagnosticsConfig(every=1, f_star=0.0, curvature_every=0))
     ratios = []
     for _ in range(60):
-        m = diag.measure(f, [x])
+        m = diag.measure(f, p)
         ratios.append(m["pl/ratio"])
-        assert m["pl/gap"] == pytest.approx(-float(f().detach()), rel=1e-5)
-        g = torch.autograd.grad(f(), x)[0]
+        assert m["pl/gap"] == pytest.approx(-float(f(p).detach()), rel=1e-5)
+        g = torch.autograd.grad(f(p), p.x)[0]
         with torch.no_grad():
-            x.add_(0.2 * g)
+            p.x.add_(0.2 * g)
     assert min(ratios) >= 0.5 - 1e-4
     assert m["pl/ratio_min"] == pytest.approx(0.5, rel=0.02)
     assert ratios[0] > 0.6  # it started away from the constant: the minimum was found, not assumed
 
 
-def test_best_seen_is_f_star_when_unknown_and_curvature_is_scheduled():
-    f, x = _quadratic([1.0, 2.0])
-    diag = PLDiagnostics(DiagnosticsConfig(curvature_every=3))
+def test_curvature_is_scheduled_and_f_star_bounds_f():
+    f, p = _quadratic([1.0, 2.0])
+    diag = PLDiagnostics(DiagnosticsConfig(every=1, curvature_every=3, fstar_steps=50))
     seen = []
     for _ in range(6):
-        m = diag.measure(f, [x])
+        m = diag.measure(f, p)
         seen.append("pl/lambda_max" in m)
         assert m["pl/f_star"] >= m["pl/f"]
-        g = torch.autograd.grad(f(), x)[0]
+        g = torch.autograd.grad(f(p), p.x)[0]
         with torch.no_grad():
-            x.add_(0.1 * g)
+            p.x.add_(0.1 * g)
     assert seen == [True, False, False, True, False, False]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rl_align.agents.base import EpisodeTracker
-from rl_align.agents.sail import sail_terms
+from rl_align.agents.sail import dpo_term, implicit_reward, shift_term, shift_weights
 from rl_align.errors import UserError
 from rl_align.runs import resolve_config
 from rl_align.train import build_agent, train
@@ -38,42 +38,59 @@ def test_revkl_zero_is_exactly_sail_and_kl_matches_closed_form():
     agent, b = _agent_with_batch(0.0)
     idx = torch.arange(len(b["pref1"]))
     params = list(agent.policy.parameters())
-    terms = agent.objective_terms(b, idx, baseline=0.0)
-    J0 = agent.objective(terms)
+    M = len(b["obs"])
+    b["shift_w"] = torch.linspace(-1, 1, M)  # any weights fixed at theta_old
+    J0 = agent.objective(agent.objective_terms(b, idx))
     # SAIL by hand: logp from torch.distributions, h = beta sum(logp - logp_ref), both gradient parts
     dist = torch.distributions.Normal(agent.policy.mean(b["obs"]), agent.policy.log_std.exp())
-    logp = dist.log_prob(b["actions"]).sum(-1)  # [M, H]
+    logp = dist.log_prob(b["actions"]).sum(-1) * b["mask"]  # [M, H]
     h = 0.1 * (logp - b["ref_logp"]).sum(-1)
     i, j, y = b["i"], b["j"], b["pref1"]
     logsig = F.logsigmoid(torch.where(y > 0.5, h[i] - h[j], h[j] - h[i]))
-    seg_logp = logp.sum(-1)
-    hand = logsig.mean() + (logsig.detach() * (seg_logp[i] + seg_logp[j] - (seg_logp[i] + seg_logp[j]).detach())).mean()
+    ratio = (logp - b["old_logp"]).exp()
+    w = b["shift_w"][:, None]
+    shift = ((torch.min(ratio * w, ratio.clamp(0.8, 1.2) * w) - w) * b["mask"]).sum() / M
+    hand = logsig.mean() + shift
     assert float(J0) == pytest.approx(float(hand), abs=1e-5)
     torch.testing.assert_close(_grad(J0, params), _grad(hand, params), rtol=1e-4, atol=1e-5)
 
-    # the reverse-KL term and its gradient against torch's own Normal-Normal KL
+    # the reverse-KL term: torch's own Normal-Normal KL summed over each segment's steps, mean over segments
     agent.config.revkl_coef = 0.3
-    J = agent.objective(agent.objective_terms(b, idx, baseline=0.0))
-    seg_states = b["obs"][torch.cat([i, j]).unique()]
-    ref = torch.distributions.Normal(agent.ref_policy.mean(seg_states), agent.ref_policy.log_std.exp())
-    cur = torch.distributions.Normal(agent.policy.mean(seg_states), agent.policy.log_std.exp())
-    kl = torch.distributions.kl_divergence(cur, ref).sum(-1).mean()
-    assert float(kl) > 1e-4
-    assert float(J) == pytest.approx(float(hand - 0.3 * kl), abs=1e-5)
+    J = agent.objective(agent.objective_terms(b, idx))
+    ref = torch.distributions.Normal(agent.ref_policy.mean(b["obs"]), agent.ref_policy.log_std.exp())
+    cur = torch.distributions.Normal(agent.policy.mean(b["obs"]), agent.policy.log_std.exp())
+    kl = (torch.distributions.kl_divergence(cur, ref).sum(-1) * b["mask"]).sum(-1).mean()
+    assert float(kl) > 1e-3
+    assert float(J) == pytest.approx(float(hand - 0.3 * kl), abs=1e-4)
     torch.testing.assert_close(_grad(J, params), _grad(hand - 0.3 * kl, params), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_grad(J0 - J, params), _grad(0.3 * kl, params), rtol=1e-4, atol=1e-6)
 
 
 def test_mean_only_kl_leaves_log_std_alone():
     agent, b = _agent_with_batch(1.0, revkl_std=False)
-    kl = agent.objective_terms(b, torch.arange(len(b["pref1"])), 0.0)["revkl"]
+    kl = agent.objective_terms(b, torch.arange(len(b["pref1"])))["revkl"]
     g = torch.autograd.grad(kl, agent.policy.log_std, allow_unused=True)[0]
     assert g is None or float(g.abs().max()) == 0.0
+
+
+def test_shift_weights_by_hand():
+    """Three segments, pairs (0,1), (0,2), (1,2): w_k = (sum of k's pairs' logsig - deg_k * leave-one-out mean) / P."""
+    logsig = torch.tensor([-0.2, -1.0, -0.6])
+    i, j = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+    w = shift_weights(i, j, logsig, 3, baseline=True, normalize=False)
+    # segment 0: pairs 0 and 1 (sum -1.2), other pair 2 (mean -0.6): (-1.2 + 2 * 0.6) / 3 = 0
+    # segment 1: pairs 0 and 2 (sum -0.8), other pair 1 (mean -1.0): (-0.8 + 2.0) / 3 = 0.4
+    # segment 2: pairs 1 and 2 (sum -1.6), other pair 0 (mean -0.2): (-1.6 + 0.4) / 3 = -0.4
+    torch.testing.assert_close(w, torch.tensor([0.0, 0.4, -0.4]))
+    wn = shift_weights(i, j, logsig, 3)
+    assert float(wn.mean()) == pytest.approx(0.0, abs=1e-6) and float(wn.std()) == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("use_baseline", [False, True])
 def test_two_part_gradient_matches_exact_enumeration(use_baseline):
     """Discrete stand-in: softmax policy over K responses, BT oracle from scores; pairs sampled from
-    pi_theta itself. The estimator (DPO part + shift part) matches grad J by enumeration."""
+    pi_theta itself. The estimator (DPO part + per-segment shift weights fixed at theta_old, leave-one-out
+    baseline, unnormalized) matches grad J by enumeration in expectation."""
     beta, n = 1.0, 40_000  # K = 4 responses
     gen = torch.Generator().manual_seed(0)
     theta = torch.tensor([0.3, -0.2, 0.5, 0.0], requires_grad=True)
@@ -89,23 +106,26 @@ def test_two_part_gradient_matches_exact_enumeration(use_baseline):
     a = torch.multinomial(pi.detach(), n, replacement=True, generator=gen)
     bb = torch.multinomial(pi.detach(), n, replacement=True, generator=gen)
     pref1 = (torch.rand(n, generator=gen) < P[a, bb]).float()
-    logpi = F.log_softmax(theta, 0)
-    lp1, lp2 = logpi[a][:, None], logpi[bb][:, None]
-    with torch.no_grad():
-        base = F.logsigmoid(torch.where(pref1 > 0.5, h[a] - h[bb], h[bb] - h[a])).mean() if use_baseline else 0.0
-    per_batch = []
+    per_batch, dpo_only = [], []
     for chunk in torch.arange(n).chunk(20):  # 20 independent estimates -> a standard error
-        dpo, shift, _ = sail_terms(lp1[chunk], lp2[chunk], logref[a][chunk, None], logref[bb][chunk, None],
-                                   lp1[chunk].detach(), lp2[chunk].detach(), pref1[chunk], beta, clip=0.2, baseline=base)
+        logpi = F.log_softmax(theta, 0)
+        k = len(chunk)
+        seg = torch.cat([a[chunk], bb[chunk]])  # segments of one step: the sampled responses
+        logp, mask = logpi[seg][:, None], torch.ones(2 * k, 1)
+        i, j = torch.arange(k), k + torch.arange(k)
+        hs = implicit_reward(logp, logref[seg][:, None], mask, beta)
+        w_idx, l_idx = torch.where(pref1[chunk] > 0.5, i, j), torch.where(pref1[chunk] > 0.5, j, i)
+        logsig = dpo_term(hs[w_idx], hs[l_idx])
+        w = shift_weights(i, j, logsig.detach(), 2 * k, baseline=use_baseline, normalize=False)
+        dpo = logsig.mean()
+        shift = shift_term(logp, logp.detach(), mask, w, clip=0.2)
         per_batch.append(torch.autograd.grad(dpo + shift, theta, retain_graph=True)[0])
+        dpo_only.append(torch.autograd.grad(dpo, theta)[0])
     est = torch.stack(per_batch)
     mean, se = est.mean(0), est.std(0) / np.sqrt(len(per_batch))
     assert torch.all((mean - exact).abs() < 4 * se + 1e-3), (mean, exact, se)
     # the DPO part alone is biased here: the shift part carries a real share of the gradient
-    dpo_only = torch.stack([torch.autograd.grad(sail_terms(lp1[c], lp2[c], logref[a][c, None], logref[bb][c, None], lp1[c].detach(),
-                                                            lp2[c].detach(), pref1[c], beta, 0.2)[0], theta, retain_graph=True)[0]
-                            for c in torch.arange(n).chunk(20)]).mean(0)
-    assert (dpo_only - exact).abs().max() > 10 * float(se.max())
+    assert (torch.stack(dpo_only).mean(0) - exact).abs().max() > 10 * float(se.max())
 
 
 def _velocities(score: str, tmp_path) -> np.ndarray:
@@ -138,7 +158,9 @@ def test_run_writes_pl_scalars_to_tensorboard_and_csv(tmp_path):
     cfg = resolve_config("halfcheetah-pref", "sail-revkl", SMALL + [f"run.out_dir={tmp_path}", "agent.curvature_every=1", "run.eval_episodes=1"], steps=600)
     folder, summary = train(cfg, quiet=True)
     header = next(csv.reader(open(folder / "progress.csv")))
-    for key in ("pl/f", "pl/grad_norm_sq", "pl/gap", "pl/lambda_max", "pl/lambda_min", "pl/kl_ref", "train/queries_used"):
+    for key in ("pl/f", "pl/grad_norm_sq", "pl/gap", "pl/f_star", "pl/lambda_max", "pl/lambda_min", "train/kl_ref", "train/queries_used",
+                "pref/heldout_accuracy", "pref/train_accuracy", "pref/oracle_agreement", "grad/dpo", "grad/shift", "grad/revkl",
+                "grad/cos_dpo_shift"):
         assert key in header, key
     acc = EventAccumulator(str(folder / "tb"))
     acc.Reload()

@@ -59,6 +59,8 @@ class COMALConfig(SAILConfig):
             raise UserError(f"agent.eta must be > 0, got {self.eta}")
         if self.inner == "inpo" and self.eta * self.revkl_coef > 1:
             raise UserError(f"agent.eta * agent.revkl_coef = {self.eta * self.revkl_coef:g} must be <= 1 (weight of mu_k is 1 - eta tau)")
+        if self.inner == "inpo" and self.replay > 0:
+            raise UserError("agent.replay must be 0 with agent.inner=inpo (its regression needs each pair's behaviour log-probs, fresh only)")
         if self.inner_updates < 0 or self.plateau_window < 0:
             raise UserError("agent.inner_updates and agent.plateau_window must be >= 0 (0 switches that reset off)")
 
@@ -115,16 +117,13 @@ class COMAL(SAIL):
             return None
         b["win"] = segment_win_rates(b["i"], b["j"], b["pref1"], len(b["obs"]))
         with torch.no_grad():
-            self._f = float(self.objective(self.objective_terms(b, torch.arange(len(b["pref1"])), 0.0)))
+            self._f = float(self.objective(self.objective_terms(b, torch.arange(len(b["pref1"]), device=self.device))))
         return b
 
-    def objective_terms(self, b: dict, idx: torch.Tensor, baseline: float) -> dict[str, torch.Tensor]:
-        terms = super().objective_terms(b, idx, baseline)
+    def objective_terms(self, b: dict, idx: torch.Tensor, policy=None) -> dict[str, torch.Tensor]:
+        terms = super().objective_terms(b, idx, policy)
         if self.config.inner == "inpo":
-            i, j = b["i"][idx], b["j"][idx]
-            seg_idx = torch.cat([i, j]).unique()  # each segment's log-probs once, as SAIL does
-            step_logp = self.policy.dist(b["obs"][seg_idx]).log_prob(b["actions"][seg_idx]).sum(-1)  # [S, H]
-            logp = torch.zeros_like(b["old_logp"]).index_put((seg_idx,), step_logp)
+            i, j, logp = b["i"][idx], b["j"][idx], terms["logp"]  # SAIL's per-step log-probs, computed once
             terms["inpo"] = inpo_loss(logp[i], logp[j], b["old_logp"][i], b["old_logp"][j], b["ref_logp"][i], b["ref_logp"][j],
                                       b["win"][i], b["win"][j], self.config.eta, self.config.revkl_coef)
         return terms
@@ -137,6 +136,7 @@ class COMAL(SAIL):
     def reset_reference(self) -> None:
         """``pi_ref <- pi``: copy the policy's parameters into the reference; nothing else changes."""
         self.ref_policy.load_state_dict(self.policy.state_dict())
+        self.store.clear()  # stored pairs' pi_ref log-probs belong to the old prox centre
         self.resets += 1
         self.inner_step, self.inner_values = 0, []
 

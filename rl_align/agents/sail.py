@@ -1,21 +1,25 @@
 """SAIL, SAIL-RevKL and online iterative DPO: learning from preference labels only (DESIGN.md, "SAIL").
 
 Segment log-likelihood ``log p_theta(s) = sum_t log pi_theta(a_t|s_t)``; implicit reward
-``h(s) = beta * sum_t [log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t)]``. Maximized, per batch of pairs
+``h(s) = beta * sum_t [log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t)]``. Maximized, per rollout of pairs
 sampled from the current policy and labelled by the oracle:
 
-    J_SAIL = E[log sigmoid(h(s_w) - h(s_l))]                                     (SAIL objective)
-    grad   = E[grad log sigmoid(h_w - h_l)]                                      (1) DPO part
-           + shift_coef * E[(log sigmoid(h_w - h_l) - b) (grad log p(s1) + grad log p(s2))]   (2) shift part
-    J_RevKL = J_SAIL - revkl_coef * E_{s ~ d_pi}[KL(pi_theta(.|s) || pi_ref(.|s))]            (SAIL-RevKL)
+    J_SAIL  = E[log sigmoid(h(s_w) - h(s_l))]                                         (SAIL objective)
+    grad    = E[grad log sigmoid(h_w - h_l)]                                          (1) DPO part
+            + shift_coef * E[(log sigmoid(h_w - h_l) - b) (grad log p(s1) + grad log p(s2))]   (2) shift part
+    J_RevKL = J_SAIL - revkl_coef * E_{s ~ pi}[ sum_{t in s} KL(pi(.|s_t) || pi_ref(.|s_t)) ]  (SAIL-RevKL)
 
-Part (2) is a stop-gradient-weighted surrogate with per-step clipped importance ratios so a batch can
-be reused for several epochs. ``revkl_coef = 0`` is exactly SAIL; ``shift_coef = 0`` is online DPO.
-The agent never reads ``buffer.rewards``: only the oracle does.
+The reverse KL is summed over each segment's H steps, as an LLM response's KL sums over its tokens, so
+``beta`` and ``revkl_coef`` share units. Part (2) is a surrogate whose per-segment weights are computed
+once, at theta_old (each segment's pairs' ``log sigmoid`` minus a leave-one-out baseline, normalized like
+advantages), with per-step clipped importance ratios so the rollout can be reused for several epochs.
+``revkl_coef = 0`` is exactly SAIL; ``shift_coef = 0`` is online DPO. The DPO part also draws on a store of
+the labelled pairs of the last ``replay`` rollouts (labels are precious), optionally with CPL's
+conservative margin ``h_w - loser_weight * h_l``. The agent never reads ``buffer.rewards``: only the oracle
+does (and the label-agreement diagnostic, which asks the oracle).
 
-Constrained variant: when ``self.lagrangian`` is set (rl_align.agents.lagrangian), each pair
-minibatch also adds ``lam`` times the clipped cost surrogate on a minibatch of steps and the cost
-critic's loss; ``before_update`` / ``after_update`` move the multiplier.
+Constrained variant: when ``self.lagrangian`` is set (rl_align.agents.lagrangian), each minibatch also adds
+``lam`` times the clipped cost surrogate on a minibatch of steps and the cost critic's loss.
 """
 
 from __future__ import annotations
@@ -34,8 +38,7 @@ import torch.nn.functional as F
 
 from rl_align.agents import register
 from rl_align.agents.base import Agent, AgentConfig
-from rl_align.agents.ppo import clipped_surrogate
-from rl_align.diagnostics import DiagnosticsConfig, PLDiagnostics
+from rl_align.diagnostics import DiagnosticsConfig, PLDiagnostics, flat_grad
 from rl_align.errors import UserError
 from rl_align.nets import gaussian_kl
 
@@ -47,30 +50,40 @@ class SAILConfig(AgentConfig):
     epochs: int = 10
     minibatch: int = 100  # pairs per minibatch
     beta: float = 0.1  # implicit-reward scale
-    revkl_coef: float = 0.0  # lambda of SAIL-RevKL; 0 is SAIL
+    revkl_coef: float = 0.0  # lambda of SAIL-RevKL, per segment-summed KL (the units of beta); 0 is SAIL
     revkl_std: bool = True  # False: penalize only the mean part of the Gaussian KL
     shift_coef: float = 1.0  # weight of the distribution-shift part; 0 is online iterative DPO
-    baseline: bool = True  # b = batch mean of log sigmoid(h_w - h_l) in the shift part
+    baseline: bool = True  # leave-one-out baseline in the shift part's per-segment weights
+    normalize_shift: bool = True  # normalize the shift weights like advantages (False: the exact-gradient scale)
     segment_len: int = 50
     pairs_per_batch: int | None = None  # None: all pairs of segments in the rollout
+    replay: int = 0  # the DPO part also draws on the labelled pairs of this many earlier rollouts
+    replay_ratio: float = 1.0  # stored pairs per fresh pair in each update (when replay > 0)
+    loser_weight: float = 1.0  # CPL's conservative margin h_w - loser_weight * h_l (1: plain DPO)
+    bc_coef: float = 0.0  # weight of a behaviour-cloning term on the winners' log-likelihood
+    target_kl: float | None = None  # stop the epochs when approx KL to the behaviour policy passes 1.5 x this
     ref: str = "auto"  # auto | init | path to a run folder or checkpoint
     ref_agent: str = "ppo"  # preset that trains the auto reference
     ref_steps: int = 50_000  # env steps of the auto reference's PPO run
-    kl_limit: float = 200.0  # stop the run when KL(pi || pi_ref) exceeds this
+    kl_limit: float = 200.0  # stop the run when the per-state KL(pi || pi_ref) exceeds this
     max_grad_norm: float = 0.5
-    diag_every: int = 1  # PL diagnostics every this many updates (0: off)
-    curvature_every: int = 10  # Hessian eigenvalues every this many diagnostics (0: off)
+    diag_every: int = 1  # preference and per-term gradient diagnostics every this many updates (0: off)
+    curvature_every: int = 10  # PL gap (f_star by maximization) and Hessian eigenvalues every this many updates (0: off)
     diag_pairs: int = 64  # pairs in the fixed batch the diagnostics use
     f_star: float | None = None
     win_rate_episodes: int = 4  # matched rollouts per evaluation for the win rate against pi_ref
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for k in ("revkl_coef", "shift_coef", "kl_limit", "ref_steps", "diag_every", "curvature_every"):
+        for k in ("revkl_coef", "shift_coef", "kl_limit", "ref_steps", "diag_every", "curvature_every", "replay", "replay_ratio", "bc_coef"):
             if getattr(self, k) < 0:
                 raise UserError(f"agent.{k} must be >= 0, got {getattr(self, k)}")
         if self.beta <= 0:
             raise UserError(f"agent.beta must be > 0, got {self.beta}")
+        if not 0 < self.loser_weight <= 1:
+            raise UserError(f"agent.loser_weight must be in (0, 1] (1 is plain DPO, CPL uses 0.5), got {self.loser_weight}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise UserError(f"agent.target_kl must be > 0 or null (no early stop), got {self.target_kl}")
         if self.segment_len < 1 or self.segment_len > self.n_steps:
             raise UserError(f"agent.segment_len={self.segment_len} must be between 1 and agent.n_steps={self.n_steps} (a segment lies inside one rollout)")
         if self.pairs_per_batch is not None and self.pairs_per_batch < 1:
@@ -79,27 +92,95 @@ class SAILConfig(AgentConfig):
             raise UserError("agent.diag_pairs must be >= 2 and agent.win_rate_episodes >= 1")
 
 
-def sail_terms(logp1: torch.Tensor, logp2: torch.Tensor, ref1: torch.Tensor, ref2: torch.Tensor, old1: torch.Tensor, old2: torch.Tensor,
-               pref1: torch.Tensor, beta: float, clip: float, baseline: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO and shift parts of the SAIL objective for ``P`` pairs of ``H``-step segments.
+def implicit_reward(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """``h(s) = beta * sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)]`` over the real steps, ``[M]`` from ``[M, H]``."""
+    return beta * ((logp - ref_logp) * mask).sum(-1)
 
-    ``logp*`` per-step log-probs under pi_theta ``[P, H]``, ``ref*`` under pi_ref, ``old*`` under the
-    behaviour policy; ``pref1 [P]`` is 1 where segment 1 won, 0 where segment 2 won. Returns
-    ``(dpo, shift, logsig [P])``: ``dpo = mean log sigmoid(h_w - h_l)``; ``shift`` is the surrogate whose
-    gradient at theta = theta_old is ``mean (logsig - b)(grad log p(s1) + grad log p(s2))``."""
-    h1 = beta * (logp1 - ref1).sum(-1)  # implicit reward h(s) = beta sum_t [log pi - log pi_ref]
-    h2 = beta * (logp2 - ref2).sum(-1)
-    margin = torch.where(pref1 > 0.5, h1 - h2, h2 - h1)
-    logsig = F.logsigmoid(margin)  # log sigmoid(h_w - h_l)
-    dpo = logsig.mean()  # (1) DPO part
-    H = logp1.shape[-1]
-    adv = (logsig.detach() - baseline)[:, None].expand_as(logp1)  # stop-gradient weight (logsig - b)
-    adv2 = torch.cat([adv, adv]).reshape(-1)
-    surr, _, _ = clipped_surrogate(torch.cat([logp1, logp2]).reshape(-1), torch.cat([old1, old2]).reshape(-1), adv2, clip)
-    # (2) shift part: E[min(rho A, clip(rho) A) - A], summed over both segments' H steps, mean over pairs
-    # (the "- A" makes its value 0 at theta_old, so J's value is the SAIL objective, its gradient both parts)
-    shift = (-surr - adv2.mean()) * 2 * H
-    return dpo, shift, logsig
+
+def dpo_term(h_w: torch.Tensor, h_l: torch.Tensor, loser_weight: float = 1.0) -> torch.Tensor:
+    """(1) ``log sigmoid(h_w - h_l)`` per pair ``[P]``; ``loser_weight < 1`` is CPL's conservative margin."""
+    return F.logsigmoid(h_w - loser_weight * h_l)
+
+
+def shift_weights(i: torch.Tensor, j: torch.Tensor, logsig: torch.Tensor, n_segments: int, baseline: bool = True,
+                  normalize: bool = True) -> torch.Tensor:
+    """Per-segment weights of the shift part (2), computed once at theta_old, ``[M]``.
+
+    ``(1/P) sum_p (logsig_p - b)(grad log p(s_i) + grad log p(s_j)) = sum_k w_k grad log p(s_k)`` with
+    ``w_k = (sum_{p ∋ k} logsig_p - deg_k b_k) / P`` and ``b_k`` the mean ``logsig`` of the pairs without
+    ``k`` (leave-one-out, so the estimator stays unbiased). ``normalize`` rescales ``w`` to zero mean and
+    unit std over the segments, as PPO normalizes advantages (its scale is then ``shift_coef``'s)."""
+    P = len(logsig)
+    ones = torch.ones_like(logsig)
+    sums = torch.zeros(n_segments, dtype=logsig.dtype, device=logsig.device).index_add_(0, i, logsig).index_add_(0, j, logsig)
+    deg = torch.zeros_like(sums).index_add_(0, i, ones).index_add_(0, j, ones)
+    b = (logsig.sum() - sums) / (P - deg).clamp(min=1) if baseline and P > 1 else torch.zeros_like(sums)
+    w = (sums - deg * b) / P
+    if normalize and n_segments > 1:
+        w = (w - w.mean()) / (w.std() + 1e-8)
+    return w
+
+
+def shift_term(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, w: torch.Tensor, clip: float) -> torch.Tensor:
+    """(2) ``sum_k sum_t [min(rho_t w_k, clip(rho_t) w_k) - w_k]``, segments ``[M, H]``, weights ``[M]``:
+    gradient ``sum_k w_k grad log p(s_k)`` at theta_old, value 0 there (PPO's per-step clipped ratios
+    keep it a trust region over the epochs). Divided by ``M`` when the weights are normalized."""
+    ratio = (logp - old_logp).exp()
+    wk = w[:, None]
+    surr = torch.min(ratio * wk, ratio.clamp(1 - clip, 1 + clip) * wk) - wk
+    return (surr * mask).sum()
+
+
+def segment_kl(kl_steps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reverse KL of each segment, summed over its real steps: ``[M, H] -> [M]``."""
+    return (kl_steps * mask).sum(-1)
+
+
+def pair_accuracy(h_i: torch.Tensor, h_j: torch.Tensor, pref1: torch.Tensor) -> float:
+    """Share of labelled pairs whose preferred segment the signal ``h`` ranks higher (ties count 1/2)."""
+    if len(pref1) == 0:
+        return float("nan")
+    agree = torch.where(pref1 > 0.5, torch.sign(h_i - h_j), torch.sign(h_j - h_i))
+    return float(((agree + 1) / 2).mean())
+
+
+class PairStore:
+    """The labelled pairs of the last ``window`` rollouts, with what the DPO part needs to recompute
+    ``h``: each segment's states, actions, mask and ``pi_ref`` log-probs. A component with its own state."""
+
+    FIELDS = ("obs", "actions", "ref_logp", "mask")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.rollouts: list[dict[str, torch.Tensor]] = []
+
+    def add(self, b: dict[str, torch.Tensor]) -> None:
+        if self.window == 0:
+            return
+        self.rollouts.append({**{k: b[k] for k in self.FIELDS}, "i": b["i"], "j": b["j"], "pref1": b["pref1"]})
+        del self.rollouts[: -self.window]
+
+    def clear(self) -> None:
+        self.rollouts = []
+
+    def sample(self, n: int, rng: np.random.Generator) -> dict[str, torch.Tensor] | None:
+        """``n`` stored pairs drawn uniformly without replacement, as one segment table with pair indices."""
+        if not self.rollouts or n == 0:
+            return None
+        offsets = np.concatenate([[0], np.cumsum([len(r["obs"]) for r in self.rollouts])[:-1]])
+        out = {k: torch.cat([r[k] for r in self.rollouts]) for k in self.FIELDS}
+        i = torch.cat([r["i"] + int(o) for r, o in zip(self.rollouts, offsets)])
+        j = torch.cat([r["j"] + int(o) for r, o in zip(self.rollouts, offsets)])
+        pref1 = torch.cat([r["pref1"] for r in self.rollouts])
+        pick = torch.as_tensor(rng.choice(len(pref1), size=min(n, len(pref1)), replace=False), device=pref1.device)
+        out.update(i=i[pick], j=j[pick], pref1=pref1[pick])
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rollouts": [{k: v.cpu() for k, v in r.items()} for r in self.rollouts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollouts = [dict(r) for r in state["rollouts"]]
 
 
 @register("sail")
@@ -113,15 +194,16 @@ class SAIL(Agent):
             raise UserError("SAIL learns from preference labels: the env needs an oracle section")
         self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False)  # pi_ref; `init` until prepare()
         c = self.config
-        self.diagnostics = PLDiagnostics(DiagnosticsConfig(every=c.diag_every, curvature_every=c.curvature_every, f_star=c.f_star))
+        self.diagnostics = PLDiagnostics(DiagnosticsConfig(every=c.curvature_every, f_star=c.f_star))
+        self.store = PairStore(c.replay)
         self._eval_oracle = None
 
     def modules(self) -> dict:
-        return {**super().modules(), "ref_policy": self.ref_policy, "diagnostics": self.diagnostics}
+        return {**super().modules(), "ref_policy": self.ref_policy, "diagnostics": self.diagnostics, "store": self.store}
 
     # ---- the reference policy ---------------------------------------------------------------------
     def prepare(self, cfg) -> None:
-        """Load pi_ref (training the auto reference once if needed); the policy starts from its weights."""
+        """Load pi_ref (the shipped or cached auto reference, trained once if needed); the policy starts from its weights."""
         c = self.config
         if c.ref == "init":
             self.ref_policy.load_state_dict(self.policy.state_dict())
@@ -134,84 +216,170 @@ class SAIL(Agent):
         self.ref_policy.load_state_dict(state["policy"])
         self.freeze_obs_rms = True  # pi and pi_ref see states through pi_ref's frozen normalizer
 
-    # ---- the objective ----------------------------------------------------------------------------
+    # ---- the batch --------------------------------------------------------------------------------
     def _batch(self) -> dict[str, torch.Tensor] | None:
-        """Label pairs of this rollout's segments; tensors of the valid (non-tie, non-skipped) pairs."""
+        """Label pairs of this rollout's segments; tensors of the segments and of the valid (non-tie,
+        non-skipped) pairs, plus the oracle's agreement with the true return (a diagnostic it computes)."""
         c, buf = self.config, self.buffer
         seg = buf.segments(c.segment_len)
         if len(seg) < 2:
             return None
         i, j = buf.pairs(len(seg), c.pairs_per_batch, self.rng)
-        labels = self.oracle.label(seg.take(i), seg.take(j))
+        s1, s2 = seg.take(i), seg.take(j)
+        labels = self.oracle.label(s1, s2)
         valid = (labels == 0.0) | (labels == 1.0)  # ties and skipped queries carry no direction
         if not valid.any():
             return None
         t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)  # noqa: E731
-        obs, act = t(seg.obs), t(seg.actions)
+        obs, act, mask = t(seg.obs), t(seg.actions), t(seg.mask)
         with torch.no_grad():
-            ref_logp = self.ref_policy.log_prob(obs, act)  # [M, H]
-        return {"obs": obs, "actions": act, "old_logp": t(seg.logp), "ref_logp": ref_logp,
-                "i": torch.as_tensor(i[valid]), "j": torch.as_tensor(j[valid]), "pref1": t(labels[valid]),
-                "n_labels": int(np.isfinite(labels).sum()), "n_ties": int((labels == 0.5).sum())}
+            ref_logp = self.ref_policy.log_prob(obs, act) * mask  # [M, H]
+        return {"obs": obs, "actions": act, "mask": mask, "old_logp": t(seg.logp), "ref_logp": ref_logp,
+                "i": torch.as_tensor(i[valid], device=self.device), "j": torch.as_tensor(j[valid], device=self.device),
+                "pref1": t(labels[valid]), "n_labels": int(np.isfinite(labels).sum()), "n_ties": int((labels == 0.5).sum()),
+                "oracle_agreement": self.oracle.agreement(s1, s2, labels)}
 
-    def objective_terms(self, b: dict, idx: torch.Tensor, baseline: float) -> dict[str, torch.Tensor]:
-        """DPO part, shift part and reverse KL on the pairs ``idx`` of batch ``b``."""
+    def _with_replay(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The fresh batch extended by stored pairs: segments ``[M + R]`` (fresh first), pairs fresh then stored."""
         c = self.config
-        i, j = b["i"][idx], b["j"][idx]
-        seg_idx = torch.cat([i, j]).unique()
-        logp = torch.zeros_like(b["old_logp"])
-        dist = self.policy.dist(b["obs"][seg_idx])
-        logp = logp.index_put((seg_idx,), dist.log_prob(b["actions"][seg_idx]).sum(-1))
-        dpo, shift, logsig = sail_terms(logp[i], logp[j], b["ref_logp"][i], b["ref_logp"][j], b["old_logp"][i], b["old_logp"][j],
-                                        b["pref1"][idx], c.beta, c.clip, baseline)
+        stored = self.store.sample(int(round(c.replay_ratio * len(b["pref1"]))), self.rng) if c.replay else None
+        if stored is None:
+            return {**b, "n_fresh_pairs": len(b["pref1"])}
+        M = len(b["obs"])
+        out = {k: torch.cat([b[k], stored[k].to(self.device)]) for k in PairStore.FIELDS}
+        out.update(i=torch.cat([b["i"], stored["i"].to(self.device) + M]), j=torch.cat([b["j"], stored["j"].to(self.device) + M]),
+                   pref1=torch.cat([b["pref1"], stored["pref1"].to(self.device)]), n_fresh_pairs=len(b["pref1"]))
+        return out
+
+    # ---- the objective ----------------------------------------------------------------------------
+    def segment_logp(self, b: dict, seg_idx: torch.Tensor, policy=None) -> tuple[torch.Tensor, torch.distributions.Normal]:
+        """Per-step log-probs ``[M_all, H]`` under ``policy`` (default pi_theta), filled on the segments
+        ``seg_idx`` (zero elsewhere and on the padding), and the policy's distribution on those segments."""
+        policy = policy if policy is not None else self.policy
+        dist = policy.dist(b["obs"][seg_idx])
+        logp = torch.zeros(b["obs"].shape[:2], device=self.device)
+        logp = logp.index_put((seg_idx,), dist.log_prob(b["actions"][seg_idx]).sum(-1) * b["mask"][seg_idx])
+        return logp, dist
+
+    def objective_terms(self, b: dict, idx: torch.Tensor, policy=None) -> dict[str, torch.Tensor]:
+        """The terms of J on the pairs ``idx`` of batch ``b``: ``dpo`` (mean log sigmoid), ``shift`` (on
+        the fresh segments, with the weights ``b["shift_w"]`` fixed at theta_old; 0 without them),
+        ``revkl`` (segment-summed reverse KL, mean over the fresh segments) and ``bc``."""
+        c = self.config
+        policy = policy if policy is not None else self.policy
+        i, j, pref1 = b["i"][idx], b["j"][idx], b["pref1"][idx]
+        n_fresh = int(b.get("n_fresh_segments", len(b["obs"])))
+        fresh = torch.arange(n_fresh, device=self.device)
+        seg_idx = torch.cat([i, j, fresh]).unique()
+        logp, dist = self.segment_logp(b, seg_idx, policy)
+        h = implicit_reward(logp, b["ref_logp"], b["mask"], c.beta)
+        w_idx, l_idx = torch.where(pref1 > 0.5, i, j), torch.where(pref1 > 0.5, j, i)
+        logsig = dpo_term(h[w_idx], h[l_idx], c.loser_weight)
+        terms = {"dpo": logsig.mean(), "logsig": logsig, "logp": logp, "h": h}
+        terms["bc"] = logp[w_idx].sum(-1).mean()  # winners' segment log-likelihood
+        if "shift_w" in b:
+            shift = shift_term(logp[:n_fresh], b["old_logp"][:n_fresh], b["mask"][:n_fresh], b["shift_w"], c.clip)
+            terms["shift"] = shift / n_fresh if c.normalize_shift else shift
+        else:
+            terms["shift"] = torch.zeros((), device=self.device)
+        pos = torch.searchsorted(seg_idx, fresh)  # rows of the fresh segments in `dist`
         with torch.no_grad():
-            ref_mu = self.ref_policy.mean(b["obs"][seg_idx])
-        # reverse KL(pi_theta || pi_ref), closed form, averaged over the states of the segments used
-        kl = gaussian_kl(dist.loc, self.policy.log_std, ref_mu, self.ref_policy.log_std, std_part=c.revkl_std).mean()
-        return {"dpo": dpo, "shift": shift, "revkl": kl, "logsig": logsig}
+            ref_mu = self.ref_policy.mean(b["obs"][fresh])
+        kl_steps = gaussian_kl(dist.loc[pos], policy.log_std, ref_mu, self.ref_policy.log_std, std_part=c.revkl_std)  # [M, H]
+        terms["revkl"] = segment_kl(kl_steps, b["mask"][:n_fresh]).mean()
+        return terms
 
     def objective(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``J = dpo + shift_coef * shift - revkl_coef * KL`` (SAIL-RevKL; revkl_coef = 0 is SAIL)."""
+        """``J = dpo + shift_coef * shift - revkl_coef * KL_seg (+ bc_coef * bc)`` (SAIL-RevKL; revkl_coef = 0 is SAIL)."""
         c = self.config
-        return terms["dpo"] + c.shift_coef * terms["shift"] - c.revkl_coef * terms["revkl"]
+        return terms["dpo"] + c.shift_coef * terms["shift"] - c.revkl_coef * terms["revkl"] + c.bc_coef * terms["bc"]
 
+    def fixed_batch_objective(self, b: dict, idx: torch.Tensor):
+        """``f(policy)``: the SAIL(-RevKL) objective on a fixed batch of pairs, where the sampling
+        distribution does not move, so its value and gradient are of one function (PL diagnostics)."""
+        c = self.config
+        return lambda policy: (lambda t: t["dpo"] - c.revkl_coef * t["revkl"])(self.objective_terms(b, idx, policy))
+
+    # ---- diagnostics ------------------------------------------------------------------------------
+    def term_gradients(self, b: dict, idx: torch.Tensor) -> dict[str, float]:
+        """Norms of each term's contribution to the update's gradient and the DPO / shift cosine (``grad/``)."""
+        c, params = self.config, list(self.policy.parameters())
+        terms = self.objective_terms(b, idx)
+        parts = {"dpo": terms["dpo"], "shift": c.shift_coef * terms["shift"], "revkl": -c.revkl_coef * terms["revkl"]}
+        if c.bc_coef > 0:
+            parts["bc"] = c.bc_coef * terms["bc"]
+        if self.lagrangian is not None:  # the cost surrogate draws steps from self.rng: leave the training stream as it was
+            state = self.rng.bit_generator.state
+            parts["cost"] = -self.lagrangian.sail_cost_loss(self, self.buffer.flat(self.device), 1)
+            self.rng.bit_generator.state = state
+        grads = {k: flat_grad(v, params, retain_graph=True) if v.requires_grad else torch.zeros(sum(p.numel() for p in params)) for k, v in parts.items()}
+        out = {f"grad/{k}": float(g.norm()) for k, g in grads.items()}
+        if out["grad/shift"] > 0 and out["grad/dpo"] > 0:  # (no direction to compare when a part is exactly 0)
+            out["grad/cos_dpo_shift"] = float(F.cosine_similarity(grads["dpo"], grads["shift"], dim=0))
+        if out["grad/dpo"] > 0:
+            out["grad/revkl_over_dpo"] = out["grad/revkl"] / out["grad/dpo"]
+        return out
+
+    # ---- the update -------------------------------------------------------------------------------
     def update(self) -> dict[str, float]:
         c = self.config
         lr = self.set_lr()
-        metrics: dict[str, float] = {"train/queries_used": float(self.oracle.queries), "train/lr": lr}
+        metrics: dict[str, float] = {"train/lr": lr}
         if self.lagrangian is not None:
             self.gae_rewards = np.zeros_like(self.buffer.costs)  # never the true reward: only cost advantages are used
             self.buffer.compute_gae(c.gamma, c.gae_lambda, rewards=self.gae_rewards)
             metrics.update(self.lagrangian.before_update(self))
-        b = self._batch()
+        fresh = self._batch()
         self.updates += 1
-        if b is None:  # no valid pair: skip, or Adam's momentum would still move the weights
+        metrics["train/queries_used"] = float(self.oracle.queries)
+        if fresh is None:  # no valid pair: skip, or Adam's momentum would still move the weights
             metrics["train/skipped"] = 1.0
             return metrics
+        M, P_fresh = len(fresh["obs"]), len(fresh["pref1"])
+        b = self._with_replay(fresh)
+        b["n_fresh_segments"] = M
         P = len(b["pref1"])
-        all_idx = torch.arange(P, device=self.device)
-        with torch.no_grad():
-            baseline = float(self.objective_terms(b, all_idx, 0.0)["logsig"].mean()) if c.baseline else 0.0
+        fresh_idx = torch.arange(P_fresh, device=self.device)
+        with torch.no_grad():  # at theta_old: held-out accuracy of h on the fresh labels, and the shift weights
+            t0 = self.objective_terms(b, fresh_idx)
+            metrics["pref/heldout_accuracy"] = pair_accuracy(t0["h"][fresh["i"]], t0["h"][fresh["j"]], fresh["pref1"])
+            b["shift_w"] = shift_weights(fresh["i"], fresh["j"], t0["logsig"], M, c.baseline, c.normalize_shift)
         params = list(self.policy.parameters())
+        d_idx = fresh_idx[: c.diag_pairs]
+        if c.diag_every > 0 and (self.updates - 1) % c.diag_every == 0:
+            metrics.update(self.term_gradients(b, d_idx))
         if self.diagnostics.due(self.updates - 1):
-            d_idx = all_idx[: c.diag_pairs]
-            metrics.update(self.diagnostics.measure(lambda: self.objective(self.objective_terms(b, d_idx, baseline)), params))
+            metrics.update(self.diagnostics.measure(self.fixed_batch_objective(b, d_idx), self.policy))
         before = torch.nn.utils.parameters_to_vector(params).detach().clone()
         flat = self.buffer.flat(self.device) if self.lagrangian is not None else None
-        stats = {k: [] for k in ("dpo", "shift", "revkl", "grad_norm")}
+        stats = {k: [] for k in ("dpo", "shift", "revkl", "grad_norm", "approx_kl")}
         n_mb = max(1, -(-P // c.minibatch))
+        stop, epochs_run = False, 0
         for _ in range(c.epochs):
             for idx in self.minibatches(P, c.minibatch):
-                terms = self.objective_terms(b, idx, baseline)
+                terms = self.objective_terms(b, idx)
                 loss = -self.objective(terms)
                 if self.lagrangian is not None:
                     loss = loss + self.lagrangian.sail_cost_loss(self, flat, n_mb)
                 stats["grad_norm"].append(self.step_optimizer(loss))
+                with torch.no_grad():
+                    log_ratio = (terms["logp"][:M] - b["old_logp"][:M]) * b["mask"][:M]
+                    approx_kl = float((((log_ratio.exp() - 1) - log_ratio) * b["mask"][:M]).sum() / b["mask"][:M].sum())
                 for k in ("dpo", "shift", "revkl"):
                     stats[k].append(float(terms[k].detach()))
+                stats["approx_kl"].append(approx_kl)
+                if c.target_kl is not None and approx_kl > 1.5 * c.target_kl:
+                    stop = True
+                    break
+            epochs_run += 1
+            if stop:
+                break
         if self.lagrangian is not None:
             metrics.update(self.lagrangian.after_update(self))
+        self.store.add(fresh)
         with torch.no_grad():
+            h = self.objective_terms(b, fresh_idx)["h"]
+            metrics["pref/train_accuracy"] = pair_accuracy(h[fresh["i"]], h[fresh["j"]], fresh["pref1"])
             kl_ref = float(self.kl_to_ref(torch.as_tensor(self.buffer.obs.reshape(-1, self.buffer.obs.shape[-1]), device=self.device)))
             entropy = float(self.policy.dist(torch.as_tensor(self.buffer.obs[0], device=self.device)).entropy().sum(-1).mean())
             update_norm = float((torch.nn.utils.parameters_to_vector(params) - before).norm())
@@ -220,15 +388,14 @@ class SAIL(Agent):
                             "lower agent.lr or raise agent.beta / agent.revkl_coef (last good checkpoint kept)")
         metrics.update({f"train/{k}": float(np.mean(v)) for k, v in stats.items()})
         metrics.update({
-            "train/valid_pairs": float(P), "train/ties": float(b["n_ties"]), "train/baseline": baseline,
-            "train/kl_ref": kl_ref, "pl/kl_ref": kl_ref, "pl/entropy": entropy,
-            "pl/update_norm": update_norm,
-            "train/log_std": self.policy.log_std.mean().item(), "train/queries_used": float(self.oracle.queries),
+            "train/valid_pairs": float(P_fresh), "train/replayed_pairs": float(P - P_fresh), "train/ties": float(fresh["n_ties"]),
+            "train/epochs": float(epochs_run), "train/kl_ref": kl_ref, "train/entropy": entropy, "train/update_norm": update_norm,
+            "train/log_std": self.policy.log_std.mean().item(), "pref/oracle_agreement": fresh["oracle_agreement"],
         })
         return metrics
 
     def kl_to_ref(self, obs: torch.Tensor) -> torch.Tensor:
-        """Full Gaussian ``KL(pi_theta || pi_ref)`` averaged over ``obs`` (normalized states)."""
+        """Full Gaussian ``KL(pi_theta || pi_ref)`` averaged over ``obs`` (normalized states): per state."""
         return gaussian_kl(self.policy.mean(obs), self.policy.log_std, self.ref_policy.mean(obs), self.ref_policy.log_std).mean()
 
     # ---- evaluation -------------------------------------------------------------------------------

@@ -96,7 +96,9 @@ class Oracle:
         """Normalized segment features ``z(s)``, ``[M, F]`` (x-velocity, height, -control effort)."""
         if self._user_features is not None:
             return np.asarray(self._user_features(seg), dtype=np.float64)
-        f = np.asarray(seg.features, dtype=np.float64).mean(axis=-2)
+        mask = getattr(seg, "mask", None)  # segments padded after a fall average only their real steps
+        w = np.ones(np.shape(seg.features)[:-1]) if mask is None else np.asarray(mask, dtype=np.float64)
+        f = (np.asarray(seg.features, dtype=np.float64) * w[..., None]).sum(axis=-2) / np.maximum(w.sum(-1), 1)[..., None]
         f[..., 2] = -f[..., 2]
         return (f - np.asarray(self.config.feature_offset)) / np.asarray(self.config.feature_scale)
 
@@ -140,6 +142,17 @@ class Oracle:
             lab = np.where(flip, 1.0 - lab, lab)
         labels[:asked] = lab
         return labels
+
+    def agreement(self, seg1: Any, seg2: Any, labels: np.ndarray) -> float:
+        """Share of decided labels (0 or 1) that pick the segment of higher true return (sum of rewards):
+        1 for the deterministic teacher on the reward, lower for noisy, myopic or intransitive ones.
+        A diagnostic of the teacher; the agents never see the reward through it."""
+        decided = (labels == 0.0) | (labels == 1.0)
+        if not decided.any():
+            return float("nan")
+        diff = np.asarray(seg1.rewards, dtype=np.float64).sum(-1) - np.asarray(seg2.rewards, dtype=np.float64).sum(-1)
+        agree = np.where(labels == 1.0, np.sign(diff), -np.sign(diff))[decided]
+        return float(((agree + 1) / 2).mean())
 
     def state_dict(self) -> dict:
         return {"queries": self.queries, "rng": self.rng.bit_generator.state}
