@@ -24,7 +24,8 @@ def test_reward_model_recovers_the_ranking_of_a_linear_reward():
     torch.manual_seed(0)
     model = RewardModel(obs_dim, act_dim, [64, 64], members=2)
     t = lambda x: torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
-    model.fit(torch.optim.Adam(model.parameters(), lr=1e-3), (t(o1), t(a1)), (t(o2), t(a2)), t(labels), epochs=30, batch=64, rng=rng)
+    ones = torch.ones(P, H)
+    model.fit(torch.optim.Adam(model.parameters(), lr=1e-3), (t(o1), t(a1), ones), (t(o2), t(a2), ones), t(labels), epochs=30, batch=64, rng=rng)
     o, a = rng.normal(size=(500, obs_dim)), rng.normal(size=(500, act_dim))
     with torch.no_grad():
         pred = model(t(o), t(a)).numpy()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rl_align.agents.base import EpisodeTracker
-from rl_align.agents.sail import dpo_term, implicit_reward, shift_term, shift_weights
+from rl_align.agents.sail import dpo_term, implicit_reward, pair_accuracy, shift_term, shift_weights
 from rl_align.errors import UserError
 from rl_align.runs import resolve_config
 from rl_align.train import build_agent, train
@@ -84,6 +84,19 @@ def test_shift_weights_by_hand():
     torch.testing.assert_close(w, torch.tensor([0.0, 0.4, -0.4]))
     wn = shift_weights(i, j, logsig, 3)
     assert float(wn.mean()) == pytest.approx(0.0, abs=1e-6) and float(wn.std()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_heldout_accuracy_of_a_perfect_and_a_reversed_signal():
+    """On a fixed batch of real segments and the oracle's labels: a signal equal to the true segment return
+    ranks every decided pair right (accuracy 1), its negation every pair wrong (0), a constant one 1/2."""
+    agent, b = _agent_with_batch(0.0)
+    seg = agent.buffer.segments(agent.config.segment_len)
+    ret = torch.as_tensor(seg.rewards.sum(-1), dtype=torch.float32)
+    i, j, y = b["i"], b["j"], b["pref1"]
+    assert pair_accuracy(ret[i], ret[j], y) == 1.0
+    assert pair_accuracy(-ret[i], -ret[j], y) == 0.0
+    assert pair_accuracy(torch.zeros(len(i)), torch.zeros(len(j)), y) == 0.5
+    assert agent.oracle.agreement(seg.take(i.numpy()), seg.take(j.numpy()), y.numpy()) == 1.0  # the deterministic teacher
 
 
 @pytest.mark.parametrize("use_baseline", [False, True])

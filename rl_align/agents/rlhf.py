@@ -7,12 +7,19 @@ budget), adds them to a growing preference dataset, refits the reward model
     P(s1 > s2) = sigmoid(R_hat(s1) - R_hat(s2)),   R_hat(s) = sum_t r_hat(s_t, a_t)       (Bradley-Terry)
 
 by cross-entropy against the labels (ties are targets of 1/2), and hands PPO the learned per-step reward,
-normalized by its running statistics. PPO's update is reused as is: only ``training_rewards`` changes.
-The true reward reaches the agent only through the oracle's labels.
+normalized by its running statistics, minus an optional InstructGPT-style reverse-KL penalty to the
+reference (the policy it started from, ``init``):
+
+    r_t = norm(r_hat(s_t, a_t)) - kl_coef * [log pi(a_t|s_t) - log pi_ref(a_t|s_t)]
+
+(a per-step sample of KL(pi || pi_ref), so "implicit vs explicit reward under the same reverse KL" is one
+comparison with SAIL-RevKL). PPO's update is reused as is: only ``training_rewards`` changes. The true
+reward reaches the agent only through the oracle's labels.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +45,9 @@ class RLHFConfig(PPOConfig):
     rm_lr: float = 3e-4
     rm_batch: int = 64
     holdout_every: int = 10  # every k-th labelled pair is held out to measure the model's accuracy
+    kl_coef: float = 0.0  # per-step reverse-KL penalty to pi_ref (the init policy), InstructGPT-style
+    ref_agent: str = "ppo"  # preset that trains the reference when init is auto
+    ref_steps: int = 50_000  # env steps of that reference's PPO run
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,6 +56,8 @@ class RLHFConfig(PPOConfig):
         for k in ("queries_per_update", "rm_ensemble", "rm_epochs", "rm_batch", "holdout_every"):
             if getattr(self, k) < 1:
                 raise UserError(f"agent.{k} must be >= 1, got {getattr(self, k)}")
+        if self.kl_coef < 0:
+            raise UserError(f"agent.kl_coef must be >= 0, got {self.kl_coef}")
         if self.rm_lr <= 0:
             raise UserError(f"agent.rm_lr must be > 0, got {self.rm_lr}")
 
@@ -62,8 +74,8 @@ class RewardModel(torch.nn.Module):
         x = torch.cat([obs, act], -1)
         return torch.stack([m(x).squeeze(-1) for m in self.members]).mean(0)
 
-    def segment_return(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        return self(obs, act).sum(-1)  # R_hat(s) = sum_t r_hat(s_t, a_t)
+    def segment_return(self, obs: torch.Tensor, act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (self(obs, act) * mask).sum(-1)  # R_hat(s) = sum_t r_hat(s_t, a_t) over the real steps
 
     def fit(self, opt: torch.optim.Optimizer, s1: tuple, s2: tuple, labels: torch.Tensor, epochs: int, batch: int,
             rng: np.random.Generator) -> float:
@@ -72,7 +84,7 @@ class RewardModel(torch.nn.Module):
         n = len(labels)
         for _ in range(epochs):
             for idx in np.array_split(rng.permutation(n), max(1, n // batch)):
-                logits = self.segment_return(s1[0][idx], s1[1][idx]) - self.segment_return(s2[0][idx], s2[1][idx])
+                logits = self.segment_return(*(x[idx] for x in s1)) - self.segment_return(*(x[idx] for x in s2))
                 loss = F.binary_cross_entropy_with_logits(logits, labels[idx])  # -[y log P + (1-y) log(1-P)]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -107,12 +119,24 @@ class RLHF(PPO):
         # the growing preference dataset: raw observations (normalized when used), actions, labels
         H = c.segment_len
         self.data = {"obs1": np.zeros((0, H, obs_dim), np.float32), "act1": np.zeros((0, H, act_dim), np.float32),
-                     "obs2": np.zeros((0, H, obs_dim), np.float32), "act2": np.zeros((0, H, act_dim), np.float32),
+                     "mask1": np.zeros((0, H), np.float32), "obs2": np.zeros((0, H, obs_dim), np.float32),
+                     "act2": np.zeros((0, H, act_dim), np.float32), "mask2": np.zeros((0, H), np.float32),
                      "label": np.zeros(0, np.float32)}
-        self.rm_metrics: dict[str, float] = {}
+        self.kl_sample = 0.0
+        self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False)  # pi_ref: the policy the run starts from
 
     def modules(self) -> dict:
-        return {**super().modules(), "reward_model": self.reward_model, "rm_optimizer": self.rm_optimizer, "rhat_rms": self.rhat_rms}
+        return {**super().modules(), "reward_model": self.reward_model, "rm_optimizer": self.rm_optimizer, "rhat_rms": self.rhat_rms,
+                "ref_policy": self.ref_policy}
+
+    def prepare(self, cfg) -> None:
+        """Start from ``init`` (``auto``: the same PPO reference SAIL's ``ref: auto`` uses); it is pi_ref."""
+        from rl_align.agents.sail import auto_reference
+
+        if self.config.init:
+            self.start_from(auto_reference(cfg) if self.config.init == "auto" else self.config.init)
+            self.freeze_obs_rms = True  # pi and pi_ref see states through the reference's normalizer
+        self.ref_policy.load_state_dict(self.policy.state_dict())
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "preference_data": {k: torch.as_tensor(v) for k, v in self.data.items()}}
@@ -121,52 +145,63 @@ class RLHF(PPO):
         super().load_state_dict(state)
         self.data = {k: v.numpy() for k, v in state["preference_data"].items()}
 
-    def _collect_preferences(self) -> int:
-        """Label new pairs of this rollout's segments (within the budget); returns how many were added."""
+    def _collect_preferences(self) -> dict[str, float]:
+        """Label new pairs of this rollout's segments (within the budget) and add them to the dataset.
+        Before they join it, the reward model ranks them: its held-out accuracy on the fresh rollout."""
         c, buf = self.config, self.buffer
         seg = buf.segments(c.segment_len)
         remaining = self.oracle.remaining()
         want = c.queries_per_update if remaining is None else min(c.queries_per_update, remaining)
         if len(seg) < 2 or want == 0:
-            return 0
+            return {"rlhf/new_pairs": 0.0}
         i, j = buf.pairs(len(seg), want, self.rng)
-        labels = self.oracle.label(seg.take(i), seg.take(j))
+        s1, s2 = seg.take(i), seg.take(j)
+        labels = self.oracle.label(s1, s2)
         keep = np.isfinite(labels)  # skipped queries carry nothing; ties stay as targets of 1/2
-        t_idx = seg.start[:, None] + np.arange(c.segment_len)[None]
-        raw = buf.raw_obs[t_idx, seg.env[:, None]]  # [M, H, obs_dim]
-        for side, idx in (("1", i[keep]), ("2", j[keep])):
-            self.data["obs" + side] = np.concatenate([self.data["obs" + side], raw[idx]])
-            self.data["act" + side] = np.concatenate([self.data["act" + side], seg.actions[idx]])
-        self.data["label"] = np.concatenate([self.data["label"], labels[keep].astype(np.float32)])
-        return int(keep.sum())
+        t_idx = seg.start[:, None] + np.minimum(np.arange(c.segment_len)[None], seg.mask.sum(-1, keepdims=True) - 1)
+        raw = buf.raw_obs[t_idx, seg.env[:, None]]  # [M, H, obs_dim], padding after a fall repeats the last state
+        new = {"obs1": raw[i[keep]], "act1": seg.actions[i[keep]], "mask1": seg.mask[i[keep]].astype(np.float32),
+               "obs2": raw[j[keep]], "act2": seg.actions[j[keep]], "mask2": seg.mask[j[keep]].astype(np.float32),
+               "label": labels[keep].astype(np.float32)}
+        m = {"rlhf/new_pairs": float(keep.sum()), "pref/oracle_agreement": self.oracle.agreement(s1, s2, labels)}
+        if keep.any():
+            m["pref/heldout_accuracy"] = self.reward_model.accuracy(*self._tensors(new, np.ones(int(keep.sum()), bool)))
+        for k, v in new.items():
+            self.data[k] = np.concatenate([self.data[k], v])
+        return m
 
-    def _tensors(self, mask: np.ndarray) -> tuple[tuple, tuple, torch.Tensor]:
+    def _tensors(self, d: dict[str, np.ndarray], mask: np.ndarray) -> tuple[tuple, tuple, torch.Tensor]:
         t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)  # noqa: E731
-        d = self.data
-        return ((t(self.normalize(d["obs1"][mask])), t(d["act1"][mask])), (t(self.normalize(d["obs2"][mask])), t(d["act2"][mask])),
-                t(d["label"][mask]))
+        return ((t(self.normalize(d["obs1"][mask])), t(d["act1"][mask]), t(d["mask1"][mask])),
+                (t(self.normalize(d["obs2"][mask])), t(d["act2"][mask]), t(d["mask2"][mask])), t(d["label"][mask]))
 
     def training_rewards(self) -> np.ndarray:
-        """The learned reward for every step of the rollout, ``[T, N]``, normalized by its running statistics."""
+        """The learned reward for every step of the rollout, ``[T, N]``, normalized by its running
+        statistics, minus ``kl_coef`` times the sampled log-ratio to pi_ref."""
         buf = self.buffer
+        obs, act = torch.as_tensor(buf.obs, device=self.device), torch.as_tensor(buf.actions, device=self.device)
         with torch.no_grad():
-            rhat = self.reward_model(torch.as_tensor(buf.obs, device=self.device), torch.as_tensor(buf.actions, device=self.device)).cpu().numpy()
+            rhat = self.reward_model(obs, act).cpu().numpy()
+            log_ratio = buf.logp - self.ref_policy.log_prob(obs, act).cpu().numpy()  # log pi_old(a|s) - log pi_ref(a|s)
         self.rhat_rms.update(rhat.reshape(-1))
-        return np.clip((rhat - self.rhat_rms.mean) / np.sqrt(self.rhat_rms.var + 1e-8), -10, 10)
+        r = np.clip((rhat - self.rhat_rms.mean) / np.sqrt(self.rhat_rms.var + 1e-8), -10, 10)
+        self.kl_sample = float(log_ratio.mean())
+        return r - self.config.kl_coef * log_ratio
 
     def update(self) -> dict[str, float]:
         c = self.config
-        added = self._collect_preferences()
+        m = self._collect_preferences()
         n = len(self.data["label"])
         holdout = np.arange(n) % c.holdout_every == c.holdout_every - 1
-        m: dict[str, float] = {"rlhf/pairs": float(n), "rlhf/new_pairs": float(added)}
+        m["rlhf/pairs"] = float(n)
         if (~holdout).any():
-            s1, s2, y = self._tensors(~holdout)
+            s1, s2, y = self._tensors(self.data, ~holdout)
             m["rlhf/rm_loss"] = self.reward_model.fit(self.rm_optimizer, s1, s2, y, c.rm_epochs, c.rm_batch, self.rng)
-            m["rlhf/rm_train_accuracy"] = self.reward_model.accuracy(s1, s2, y)
+            m["pref/train_accuracy"] = self.reward_model.accuracy(s1, s2, y)
         if holdout.any():
-            m["rlhf/rm_accuracy"] = self.reward_model.accuracy(*self._tensors(holdout))
+            m["rlhf/rm_accuracy"] = self.reward_model.accuracy(*self._tensors(self.data, holdout))
         metrics = super().update()  # PPO on the learned reward (training_rewards above)
         metrics.update(m)
+        metrics["train/kl_ref_sample"] = self.kl_sample
         metrics["train/queries_used"] = float(self.oracle.queries)
         return metrics

@@ -417,9 +417,13 @@ class SAIL(Agent):
 
 
 def auto_reference(cfg) -> Path:
-    """The cached "SFT" reference for this env, seed and network: a short PPO run on the true reward,
-    trained once into ``<out_dir>/_refs/<env>-<hash>-s<seed>`` and reused by every later run."""
-    from rl_align.config import to_dict
+    """The "SFT" reference for this env, seed and network: a short PPO run on the true reward. A policy
+    shipped in the repository's ``refs/`` folder under the same key is used first (so every machine starts
+    from the same weights); otherwise it is trained once into ``<out_dir>/_refs/<env>-<key>-s<seed>`` and
+    reused by every later run. The key covers what PPO on the true reward depends on: the task and its
+    episode limit, the reference preset, the network, the step budget and the seed (not the cost or the
+    oracle, which it never uses)."""
+    from rl_align.config import PRESET_ROOT, to_dict
     from rl_align.runs import from_data, _agent_data
     from rl_align.train import train
 
@@ -427,10 +431,15 @@ def auto_reference(cfg) -> Path:
     _, ref_data = _agent_data(c.ref_agent)
     ref_data = {k: v for k, v in ref_data.items() if k not in ("algo", "description", "run")}
     ref_data.update(hidden=list(c.hidden), activation=c.activation)  # same network as the preference agent
-    env_key = {k: v for k, v in to_dict(cfg.env).items() if k != "oracle"}  # PPO on the true reward never asks the oracle
+    env_key = {"task": cfg.env.task, "max_episode_steps": cfg.env.max_episode_steps}
     key_data = {"env": env_key, "agent": ref_data, "ref_agent": c.ref_agent, "steps": c.ref_steps, "seed": cfg.run.seed}
     digest = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    folder = Path(cfg.run.out_dir) / "_refs" / f"{cfg.env_name.replace('/', '_')}-{digest}-s{cfg.run.seed}"
+    name = f"{cfg.env.task.replace('/', '_')}-{digest}-s{cfg.run.seed}"
+    shipped = PRESET_ROOT / "refs" / f"{name}.pt"
+    if shipped.exists():
+        print(f"reference: the shipped policy {shipped.relative_to(PRESET_ROOT)}", file=sys.stderr)
+        return shipped
+    folder = Path(cfg.run.out_dir) / "_refs" / name
     if (folder / "summary.json").exists():
         print(f"reference: reusing {folder}", file=sys.stderr)
         return folder
