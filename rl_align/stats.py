@@ -64,6 +64,19 @@ def iqm_ci(x, confidence: float = CONFIDENCE, reps: int = REPS, seed: int = 0) -
     return _bootstrap([m[:, t] for t in range(m.shape[1])], _iqm_of_columns, confidence, reps, seed)
 
 
+def iqm_band(ys, confidence: float = CONFIDENCE, reps: int = REPS, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Curves over seeds: ``ys`` is ``[runs, points]``; returns the IQM at each point and the bootstrap
+    interval's low and high edges (one scipy call, runs resampled at every point; None with one run)."""
+    ys = np.asarray(ys, dtype=float)
+    center = stats.trim_mean(ys, 0.25, axis=0)
+    if ys.shape[0] < 2:
+        return center, None, None
+    key = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+    res = stats.bootstrap((ys.T,), lambda s, axis: stats.trim_mean(s, 0.25, axis=axis), n_resamples=reps, vectorized=True,
+                          axis=-1, confidence_level=confidence, method="percentile", **{key: np.random.default_rng(seed)})
+    return center, np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
+
+
 def _u_share(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Share of pairs (x_i, y_j) with x_i > y_j, ties counting 1/2 (Mann-Whitney U / (n m)), along the last axis."""
     gt = (x[..., :, None] > y[..., None, :]).mean(axis=(-2, -1))
