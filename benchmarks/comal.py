@@ -15,6 +15,13 @@ reference. Results go to ``<out>/results.json`` and the tournament files to ``<o
 
     nice -n 10 python benchmarks/comal.py --steps 20000 --seed 0
     python benchmarks/comal.py --curves runs/bench-comal/results.json   # win rate vs reference over training
+    python benchmarks/comal.py --table benchmarks/comal_100k_s0.json benchmarks/comal_100k_s1.json
+
+``--table`` aggregates one results.json per seed: per agent IQM [95% bootstrap CI] · mean ± sample std
+(n seeds) (``rl_align.stats``) of the final return, the final win rate against the reference and the
+tournament row averages (deterministic, from the JSON; stochastic, from ``<stem>_tournament_stoch.csv``
+beside the JSON or ``tournament-stoch/tournament.csv`` in its folder, when present), then the
+probability that COMAL beats each other agent.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -69,6 +77,55 @@ def plot_curves(results: list[Path], out: Path) -> None:
     print(out)
 
 
+def _stoch_rows(path: Path) -> dict[str, float] | None:
+    """Row averages of the stochastic tournament saved beside a results.json, by agent name."""
+    for csv_path in (path.with_name(path.stem + "_tournament_stoch.csv"), path.parent / "tournament-stoch" / "tournament.csv"):
+        if csv_path.exists():
+            with csv_path.open(newline="") as f:
+                return {re.sub(r"-s\d+$", "", r["row_vs_column"]): float(r["row_average"]) for r in csv.DictReader(f)}
+    return None
+
+
+def table(results: list[Path]) -> None:
+    from rl_align.stats import fmt, prob_improvement, prob_improvement_ci, summarize
+
+    per_agent: dict[str, dict[str, list[float]]] = {}
+    for path in results:
+        data = json.loads(Path(path).read_text())
+        det_rows = {re.sub(r"-s\d+$", "", n): a for n, a in zip(data["tournament"]["names"], data["tournament"]["row_average"])} \
+            if "tournament" in data else {}
+        stoch = _stoch_rows(Path(path)) or {}
+        for r in data["runs"] + [{"agent": "ref-ppo"}]:
+            m = per_agent.setdefault(r["agent"], {k: [] for k in ("return_det", "win_rate_vs_ref", "row_det", "row_stoch")})
+            for key, v in (("return_det", r.get("return_det")), ("win_rate_vs_ref", r.get("win_rate_vs_ref")),
+                           ("row_det", det_rows.get(r["agent"])), ("row_stoch", stoch.get(r["agent"]))):
+                if v is not None:
+                    m[key].append(float(v))
+    cols = (("return_det", "final return (det)", 0), ("win_rate_vs_ref", "final win rate vs ref", 2),
+            ("row_det", "tournament row average (det)", 2), ("row_stoch", "tournament row average (stoch)", 2))
+    print("| agent | " + " | ".join(t for _, t, _ in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for agent, m in per_agent.items():
+        print(f"| {agent} | " + " | ".join(fmt(summarize(m[k]), d) for k, _, d in cols) + " |")
+    if "comal" not in per_agent:
+        return
+    print("\nProbability that COMAL beats X over seeds (ties 1/2), 95% bootstrap interval:\n")
+    print("| COMAL vs | " + " | ".join(t for _, t, _ in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for agent, m in per_agent.items():
+        if agent == "comal":
+            continue
+        cells = []
+        for k, _, _ in cols:
+            a, b = per_agent["comal"][k], m[k]
+            if not a or not b:
+                cells.append("–")
+                continue
+            lo, hi = prob_improvement_ci(a, b)
+            cells.append(f"{prob_improvement(a, b):.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo == lo else "") + f" (n={len(a)}/{len(b)})")
+        print(f"| {agent} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", default="halfcheetah-cyclic")
@@ -82,7 +139,10 @@ def main() -> None:
     p.add_argument("--curves", nargs="+", type=Path, metavar="RESULTS_JSON",
                    help="only plot the win-rate curves of these results.json files into --curves-out")
     p.add_argument("--curves-out", type=Path, default=Path("docs/comal/win_rate_curves.png"))
+    p.add_argument("--table", nargs="+", type=Path, metavar="RESULTS_JSON", help="only print the tables over these results.json files (one per seed)")
     args = p.parse_args()
+    if args.table:
+        return table(args.table)
     if args.curves:
         return plot_curves(args.curves, args.curves_out)
     out = Path(args.out)

@@ -13,7 +13,11 @@ iteration. The win rate against the reference is measured the same way for every
 Each finished run is appended to the JSON-lines file at once, so a cut-short benchmark keeps its runs.
 
     python benchmarks/headline.py --env halfcheetah-pref --seeds 0,1,2 --steps 100000 --queries 10000
-    python benchmarks/headline.py --table            # markdown table from benchmarks/headline.jsonl
+    python benchmarks/headline.py --table            # markdown tables from benchmarks/headline.jsonl
+
+The tables give every cell as IQM [95% stratified bootstrap interval] · mean ± sample std (n seeds)
+(``rl_align.stats``), the deterministic return normalized per task (reference 0, PPO on the true reward
+1) and aggregated across tasks, and the probability of improvement of the key pairs.
     python benchmarks/headline.py --plot docs/headline  # return-vs-queries and return-vs-steps PNGs
 """
 
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 AGENTS = ("ppo", "rlhf", "online-dpo", "sail", "sail-revkl")
+PAIRS = (("sail-revkl", "sail"), ("sail-revkl", "rlhf"), ("sail", "online-dpo"), ("sail-revkl", "online-dpo"), ("rlhf", "sail"))
 WIN_EPISODES = 16  # episodes per side for the post-hoc win rate against the reference (Hopper: few 50-step windows per episode)
 
 
@@ -118,20 +123,68 @@ def load(path: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> None:
-    ms = lambda v: f"{np.mean(v):,.0f} ± {np.std(v):,.0f}" if len(v) > 1 else f"{v[0]:,.0f}"  # noqa: E731
-    print("| env | agent | seeds | start (ref, det) | final return det | final return stoch | det return at half queries "
+    """Per env and agent: IQM [95% CI] · mean ± std (n); then normalized scores across tasks and the
+    probability of improvement of the key pairs."""
+    from rl_align.stats import fmt, iqm, iqm_ci, normalize, prob_improvement, prob_improvement_ci, summarize
+
+    cell = lambda v, digits=0: fmt(summarize([x for x in v if x == x]), digits)  # noqa: E731  (NaN: a seed without the value)
+    envs = list(dict.fromkeys(r["env"] for r in rows))
+    print("| env | agent | start (ref, det) | final return det | final return stoch | det return at half queries "
           "| win rate vs ref | queries used | wall-clock (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for env in dict.fromkeys(r["env"] for r in rows):
+    print("|---|---|---|---|---|---|---|---|---|")
+    for env in envs:
         for agent in AGENTS:
             g = [r for r in rows if r["env"] == env and r["agent"] == agent]
             if not g:
                 continue
             col = lambda k: [r[k] for r in g]  # noqa: E731
-            wr = [w for w in col("win_rate_vs_ref") if w == w]
-            wr_s = f"{np.mean(wr):.2f}" + (f" ({len(wr)} of {len(g)} seeds)" if len(wr) < len(g) else "") if wr else "n/a"
-            print(f"| {env} | {agent} | {len(g)} | {ms(col('ref_return_det'))} | {ms(col('return_det'))} | {ms(col('return_stoch'))} | "
-                  f"{ms(col('return_half_queries'))} | {wr_s} | {np.mean(col('queries_used')):,.0f} | {np.mean(col('wall_s')):.0f} |")
+            print(f"| {env} | {agent} | {cell(col('ref_return_det'))} | {cell(col('return_det'))} | {cell(col('return_stoch'))} | "
+                  f"{cell(col('return_half_queries'))} | {cell(col('win_rate_vs_ref'), 2)} | {np.mean(col('queries_used')):,.0f} | "
+                  f"{np.mean(col('wall_s')):.0f} |")
+
+    def matrix(agent: str, key: str, norm: bool = False) -> np.ndarray:
+        """``[seeds, envs]`` of ``key`` (seeds every env has), normalized per env by the mean reference
+        return and the mean return of PPO on the true reward over that env's seeds."""
+        seeds = sorted(set.intersection(*({r["seed"] for r in rows if r["env"] == e and r["agent"] == agent} for e in envs)))
+        m = np.array([[next(r[key] for r in rows if r["env"] == e and r["agent"] == agent and r["seed"] == s) for e in envs] for s in seeds])
+        if norm and len(m):
+            ref = [np.mean([r["ref_return_det"] for r in rows if r["env"] == e]) for e in envs]
+            ceiling = [np.mean([r["return_det"] for r in rows if r["env"] == e and r["agent"] == "ppo"]) for e in envs]
+            m = normalize(m, ref, ceiling)
+        return m.reshape(len(m), len(envs))
+
+    print(f"\nNormalized deterministic return, (return - mean ref) / (mean PPO - mean ref) per env; across {len(envs)} envs "
+          "the IQM with a stratified bootstrap (seeds resampled within each env):\n")
+    print("| agent | " + " | ".join(envs) + " | all envs: IQM [95% CI] | all envs: mean |")
+    print("|---|" + "---|" * (len(envs) + 2))
+    for agent in AGENTS:
+        m = matrix(agent, "return_det", norm=True)
+        if not m.size:
+            continue
+        lo, hi = iqm_ci(m)
+        print(f"| {agent} | " + " | ".join(fmt(summarize(m[:, j]), 2) for j in range(len(envs))) +
+              f" | {iqm(m):.2f} [{lo:.2f}, {hi:.2f}] | {m.mean():.2f} |")
+
+    print("\nProbability of improvement P(X > Y) over seeds (ties 1/2); per env the point value, across envs "
+          "the mean over envs with its 95% stratified bootstrap interval:\n")
+    metrics = (("return_det", "det return"), ("return_stoch", "stoch return"), ("win_rate_vs_ref", "win rate vs ref"))
+    print("| X vs Y | metric | " + " | ".join(envs) + " | all envs [95% CI] |")
+    print("|---|---|" + "---|" * (len(envs) + 1))
+    for x, y in PAIRS:
+        for key, name in metrics:
+            per_env = []
+            for e in envs:
+                a = [r[key] for r in rows if r["env"] == e and r["agent"] == x and r[key] == r[key]]
+                b = [r[key] for r in rows if r["env"] == e and r["agent"] == y and r[key] == r[key]]
+                per_env.append(f"{prob_improvement(a, b):.2f} (n={len(a)}/{len(b)})" if a and b else "n/a")
+            mx, my = matrix(x, key), matrix(y, key)
+            mx, my = mx[np.isfinite(mx).all(1)], my[np.isfinite(my).all(1)]
+            if len(mx) and len(my):
+                lo, hi = prob_improvement_ci(mx, my)
+                agg = f"{prob_improvement(mx, my):.2f} [{lo:.2f}, {hi:.2f}]"
+            else:
+                agg = "n/a"
+            print(f"| {x} vs {y} | {name} | " + " | ".join(per_env) + f" | {agg} |")
 
 
 def plot(rows: list[dict], out: Path) -> None:

@@ -8,6 +8,7 @@ observation normalizer frozen. Runs alternate (ours, SB3) per seed; each finishe
 ``--out`` (JSON lines) at once, so a long benchmark that is cut short keeps what it measured.
 
     python benchmarks/learning.py --setting halfcheetah --seeds 0 --steps 300000
+    python benchmarks/learning.py --table      # IQM [bootstrap CI] · mean ± std and P(rl-align > SB3) from --out
 """
 
 from __future__ import annotations
@@ -73,13 +74,32 @@ def sb3(setting: str, steps: int, seed: int) -> dict:
     return {"return_det": float(np.mean(returns)), "wall_s": wall}
 
 
+def table(rows: list[dict]) -> None:
+    """Per setting: each implementation's final return as IQM [95% bootstrap CI] · mean ± sample std (n)
+    (``rl_align.stats``) and the probability that rl-align's run beats SB3's (ties 1/2)."""
+    from rl_align.stats import fmt, prob_improvement, prob_improvement_ci, summarize
+
+    print("| setting | steps | rl-align return (det) | SB3 return (det) | P(rl-align > SB3) [95% CI] | rl-align wall (s) | SB3 wall (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for setting, steps in dict.fromkeys((r["setting"], r["steps"]) for r in rows):
+        g = {impl: [r for r in rows if r["setting"] == setting and r["steps"] == steps and r["impl"] == impl] for impl in ("rl-align", "sb3")}
+        ours_ret, sb3_ret = ([r["return_det"] for r in g[i]] for i in ("rl-align", "sb3"))
+        lo, hi = prob_improvement_ci(ours_ret, sb3_ret)
+        p = f"{prob_improvement(ours_ret, sb3_ret):.2f} [{lo:.2f}, {hi:.2f}]" if ours_ret and sb3_ret else "n/a"
+        print(f"| {setting} | {steps:,} | {fmt(summarize(ours_ret))} | {fmt(summarize(sb3_ret))} | {p} | "
+              f"{np.mean([r['wall_s'] for r in g['rl-align']]):.0f} | {np.mean([r['wall_s'] for r in g['sb3']]):.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="halfcheetah")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--steps", type=int, default=300_000)
     p.add_argument("--out", default="benchmarks/learning.jsonl")
+    p.add_argument("--table", action="store_true", help="only print the table from --out")
     args = p.parse_args()
+    if args.table:
+        return table([json.loads(line) for line in open(args.out)])
     torch.set_num_threads(1)
     for seed in (int(s) for s in args.seeds.split(",")):
         for name, fn in (("rl-align", ours), ("sb3", sb3)):

@@ -8,6 +8,11 @@ multiplier against env steps with the limit drawn. Results are appended to a JSO
 run ends, so a cut-short benchmark keeps what it measured.
 
     python benchmarks/safety.py --agents ppo-lag,ppo-pid,ppo-opd --seeds 0,1,2 --steps 200000
+    python benchmarks/safety.py --table --out benchmarks/safety_500k.jsonl   # only the tables, no run, no plot
+
+Table cells are IQM [95% bootstrap interval] · mean ± sample std (n seeds) (``rl_align.stats``); the
+probability-of-improvement table compares each constrained agent with PPO-Lag (lower cost, violation and
+oscillation count as better).
 """
 
 from __future__ import annotations
@@ -67,12 +72,47 @@ def plot(results: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+METRICS = (("final_return", "final return", False), ("final_ep_cost", "final episode cost", True),
+           ("cum_violation", "cumulative violation", True), ("oscillation", "oscillation (std, 2nd half)", True),
+           ("lam_std", "multiplier std, 2nd half", True))
+
+
+def _value(r: dict, key: str) -> float:
+    if key == "lam_std":  # how much the multiplier swings once training has settled
+        lam = np.asarray(r["curve"]["lam"])
+        return float(lam[len(lam) // 2:].std())
+    return float(r[key])
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| agent | seeds | final return | final episode cost | cumulative violation | oscillation (std, 2nd half) |", "|---|---|---|---|---|---|"]
-    for agent in dict.fromkeys(r["agent"] for r in results):
+    from rl_align.stats import fmt, prob_improvement, prob_improvement_ci, summarize
+
+    agents = list(dict.fromkeys(r["agent"] for r in results))
+    layered = {a for a in agents if any(np.any(r["curve"]["lam"]) for r in results if r["agent"] == a)}  # has a multiplier
+    shown = lambda a, k: k != "lam_std" or a in layered  # noqa: E731
+    lines = ["| agent | " + " | ".join(name for _, name, _ in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for agent in agents:
         rs = [r for r in results if r["agent"] == agent]
-        f = lambda k: f"{np.mean([r[k] for r in rs]):,.1f} ± {np.std([r[k] for r in rs]):,.1f}"  # noqa: E731
-        lines.append(f"| {agent} | {len(rs)} | {f('final_return')} | {f('final_ep_cost')} | {f('cum_violation')} | {f('oscillation')} |")
+        lines.append(f"| {agent} | " + " | ".join(fmt(summarize([_value(r, k) for r in rs]), 3 if k == "lam_std" else 1) if shown(agent, k) else "–"
+                                               for k, _, _ in METRICS) + " |")
+    base = next((a for a in agents if a.endswith("-lag")), None)
+    if base is None:
+        return "\n".join(lines)
+    lines += ["", f"Probability that X beats {base} (ties 1/2; lower is better for cost, violation, oscillation, multiplier swing), "
+              "95% bootstrap interval:", "", "| X vs " + base + " | " + " | ".join(name for _, name, _ in METRICS) + " |",
+              "|---|" + "---|" * len(METRICS)]
+    for agent in (a for a in agents if a != base):
+        cells = []
+        for k, _, lower in METRICS:
+            if not (shown(agent, k) and shown(base, k)):
+                cells.append("–")
+                continue
+            sign = -1.0 if lower else 1.0
+            a = [sign * _value(r, k) for r in results if r["agent"] == agent]
+            b = [sign * _value(r, k) for r in results if r["agent"] == base]
+            lo, hi = prob_improvement_ci(a, b)
+            cells.append(f"{prob_improvement(a, b):.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo == lo else ""))
+        lines.append(f"| {agent} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -86,7 +126,11 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/safety.jsonl")
     p.add_argument("--plot", default="docs/safety/cost_lambda.png")
     p.add_argument("--table-only", action="store_true", help="only redraw the plot and table from --out")
+    p.add_argument("--table", action="store_true", help="only print the tables from --out (no run, no plot)")
     args = p.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in open(args.out)]))
+        return
     if not args.table_only:
         for seed in (int(s) for s in args.seeds.split(",")):
             for agent in args.agents.split(","):

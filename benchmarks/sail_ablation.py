@@ -11,6 +11,11 @@ measured; `--table` prints the markdown table from that file.
     python benchmarks/sail_ablation.py --seeds 0 --steps 50000
     python benchmarks/sail_ablation.py --overhead          # PL diagnostics cost per update
     python benchmarks/sail_ablation.py --table
+
+``--table`` prints the runs, then per variant IQM [95% bootstrap interval] · mean ± sample std (n seeds)
+(``rl_align.stats``), the share of the reference-to-PPO gap closed per seed (normalized return: the
+seed's reference 0, the seed's PPO-from-the-reference run 1) and the probability of improvement of the
+key pairs.
 """
 
 from __future__ import annotations
@@ -112,7 +117,13 @@ def SAILdefaults() -> dict:
     return {"diag_every": c.diag_every, "curvature_every": c.curvature_every}
 
 
+PAIRS = (("revkl-0.01", "sail"), ("revkl-0.03", "sail"), ("revkl-0.01", "online-dpo"), ("sail", "online-dpo"),
+         ("revkl-0.01-mean", "revkl-0.01"))
+
+
 def table(path: Path) -> None:
+    from rl_align.stats import fmt, normalize, prob_improvement, prob_improvement_ci, summarize
+
     rows = [json.loads(line) for line in open(path)]
     print("| variant | seed | steps | ref det / stoch | final det / stoch | win rate vs ref | KL to ref | min PL ratio | lambda_max > 0 (share) | log-std | queries | wall (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -120,6 +131,43 @@ def table(path: Path) -> None:
         print(f"| {r['variant']} | {r['seed']} | {r['steps']:,} | {r['ref_return_det']:.0f} / {r['ref_return_stoch']:.0f} | "
               f"{r['return_det']:.0f} / {r['return_stoch']:.0f} | {r['win_rate_vs_ref']:.3f} | {r['kl_to_ref']:.3f} | "
               f"{r['pl_ratio_min']:.3g} | {r['lambda_max_pos_share']:.2f} | {r['log_std']:.3f} | {r['queries_used']:,} | {r['wall_s']:.0f} |")
+
+    ceiling = {(r["env"], r["seed"]): r for r in rows if r["variant"] == "ppo-from-ref"}
+
+    def gap(r: dict, kind: str) -> float:
+        """Share of the reference-to-PPO gap closed by this run (same env and seed), ``kind`` det or stoch."""
+        c = ceiling.get((r["env"], r["seed"]))
+        return float(normalize(r[f"return_{kind}"], r[f"ref_return_{kind}"], c[f"return_{kind}"])) if c else float("nan")
+
+    def values(variant: str, key: str) -> dict[int, float]:
+        out = {r["seed"]: (gap(r, key[4:]) if key.startswith("gap_") else r[key]) for r in rows if r["variant"] == variant}
+        return {s: v for s, v in out.items() if v == v}
+
+    metrics = (("return_det", "final return det", 0), ("return_stoch", "final return stoch", 0), ("gap_det", "gap closed (det)", 2),
+               ("gap_stoch", "gap closed (stoch)", 2), ("win_rate_vs_ref", "win rate vs ref", 2), ("kl_to_ref", "KL to ref", 2))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    print("\nPer variant, IQM [95% bootstrap CI] · mean ± sample std (n seeds); gap closed: (return - ref) / (PPO - ref) per seed:\n")
+    print("| variant | " + " | ".join(name for _, name, _ in metrics) + " |")
+    print("|---|" + "---|" * len(metrics))
+    for v in variants:
+        print(f"| {v} | " + " | ".join(fmt(summarize(list(values(v, k).values())), d) for k, _, d in metrics) + " |")
+
+    pairs = [(x, y) for x, y in PAIRS if x in variants and y in variants]
+    if pairs:
+        print("\nProbability of improvement P(X > Y) over seeds (ties 1/2), 95% bootstrap interval:\n")
+        print("| X vs Y | " + " | ".join(name for _, name, _ in metrics[:5]) + " |")
+        print("|---|" + "---|" * 5)
+        for x, y in pairs:
+            cells = []
+            for k, _, _ in metrics[:5]:
+                a, b = list(values(x, k).values()), list(values(y, k).values())
+                if not a or not b:
+                    cells.append("n/a")
+                    continue
+                lo, hi = prob_improvement_ci(a, b)
+                ci = f" [{lo:.2f}, {hi:.2f}]" if lo == lo else ""
+                cells.append(f"{prob_improvement(a, b):.2f}{ci} (n={len(a)}/{len(b)})")
+            print(f"| {x} vs {y} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:

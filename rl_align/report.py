@@ -1,8 +1,12 @@
 """``rl-align report <run folder | sweep folder>``: paper-style PNGs and a ``summary.md`` table.
 
 Reads each run's ``progress.csv`` and ``summary.json`` (no TensorBoard server). Runs are grouped by
-setting (a sweep's grid values; a single run is one group); curves show the mean over seeds and a 95%
-t-interval. A figure whose keys no run logged is skipped and the reason is printed and written down.
+setting (a sweep's grid values; a single run is one group); curves show the interquartile mean (IQM)
+over seeds with a 95% percentile-bootstrap band, the table IQM [95% CI] beside mean ± std and n
+(``rl_align.stats``, rliable's definitions; no t-interval, whose multiplier is 12.7 at two seeds).
+``--compare A B`` adds the probability that group A's final metrics beat group B's; ``--normalize REF
+CEILING`` adds the final return normalized so the reference scores 0 and the ceiling 1.
+A figure whose keys no run logged is skipped and the reason is printed and written down.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rl_align.errors import UserError
+from rl_align.stats import fmt, iqm_band, normalize, prob_improvement, prob_improvement_ci, summarize
 
 FINAL_COLUMNS = (  # (summary key, column title)
     ("eval/return_det", "return (det)"), ("eval/return_stoch", "return (stoch)"), ("eval/cost_det", "episode cost"),
@@ -100,11 +105,9 @@ def load_groups(folder: Path) -> tuple[list[Group], str]:
 
 # ---- aggregation over seeds -----------------------------------------------------------------------
 
-def aggregate(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Mean over seeds on the union of their x values inside the range all seeds cover (linear
-    interpolation), and the half-width of the 95% t-interval (None for a single seed)."""
-    from scipy import stats
-
+def aggregate(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """IQM over seeds on the union of their x values inside the range all seeds cover (linear
+    interpolation), and the ``(low, high)`` edges of its 95% bootstrap band (None for a single seed)."""
     series = [(x, y) for x, y in series if len(x)]
     if len(series) == 1:
         return series[0][0], series[0][1], None
@@ -113,9 +116,8 @@ def aggregate(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, 
     if len(grid) == 0:
         return np.array([]), np.array([]), None
     ys = np.stack([np.interp(grid, *_sorted(x, y)) for x, y in series])
-    n = len(series)
-    half = stats.t.ppf(0.975, n - 1) * ys.std(axis=0, ddof=1) / math.sqrt(n)
-    return grid, ys.mean(axis=0), half
+    center, band_lo, band_hi = iqm_band(ys)
+    return grid, center, (band_lo, band_hi)
 
 
 def _sorted(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,11 +159,11 @@ def figure(path: Path, title: str, panels: list[tuple[str, str]], groups: list[G
             series = _series(g, key, xkey)
             if not series:
                 continue
-            x, mean, half = aggregate(series)
+            x, center, band = aggregate(series)
             c = colors[i % len(colors)]
-            ax.plot(x, mean, color=c, label=f"{g.label} (n={len(series)})", marker="o" if len(x) <= 3 else None, ms=3)
-            if half is not None:
-                ax.fill_between(x, mean - half, mean + half, color=c, alpha=0.2, linewidth=0)
+            ax.plot(x, center, color=c, label=f"{g.label} (n={len(series)})", marker="o" if len(x) <= 3 else None, ms=3)
+            if band is not None:
+                ax.fill_between(x, *band, color=c, alpha=0.2, linewidth=0)
         if key in limit_on:
             limits = sorted({r.cost_limit for g in groups for r in g.runs if r.cost_limit is not None})
             for lim in limits:
@@ -178,7 +180,7 @@ def figure(path: Path, title: str, panels: list[tuple[str, str]], groups: list[G
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.suptitle(title + "  (mean over seeds, shaded: 95% interval)", fontsize=11)
+    fig.suptitle(title + "  (IQM over seeds, shaded: 95% bootstrap interval)", fontsize=11)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -213,43 +215,74 @@ def figure_specs(groups: list[Group]) -> list[dict]:
 
 # ---- table -----------------------------------------------------------------------------------------
 
-def _mean_std(values: list[float], digits: int) -> str:
-    if not values:
-        return "–"
-    m = float(np.mean(values))
-    if len(values) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {float(np.std(values, ddof=1)):.{digits}f}"
+def _digits(key: str) -> int:
+    return 0 if key in ("queries_used", "wall_time_s") else (3 if "kl" in key or "win" in key else 1)
 
 
-def summary_table(groups: list[Group]) -> str:
-    """Markdown table: one row per setting, final metrics mean ± sample std over the seeds that finished."""
-    def value(run: Run, key: str) -> float | None:
-        s = run.summary or {}
-        v = s.get("final", {}).get(key, s.get(key))
-        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+def _value(run: Run, key: str) -> float | None:
+    s = run.summary or {}
+    v = s.get("final", {}).get(key, s.get(key))
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
-    cols = [(k, t) for k, t in FINAL_COLUMNS if any(value(r, k) not in (None, 0.0) for g in groups for r in g.runs)
-            or (k.startswith("eval/") and any(value(r, k) is not None for g in groups for r in g.runs))]
-    lines = ["| setting | seeds | " + " | ".join(t for _, t in cols) + " |", "|---|---|" + "---|" * len(cols)]
+
+def _finals(g: Group, key: str) -> list[float]:
+    return [v for v in (_value(r, key) for r in g.runs if r.summary is not None) if v is not None]
+
+
+def summary_table(groups: list[Group], normalize_by: tuple[float, float] | None = None) -> str:
+    """Markdown table: one row per setting, final metrics as IQM [95% bootstrap CI] · mean ± sample std
+    (n) over the seeds that finished; with ``normalize_by = (ref, ceiling)`` a column of the final
+    deterministic return normalized so the reference scores 0 and the ceiling 1."""
+    cols = [(k, t) for k, t in FINAL_COLUMNS if any(_value(r, k) not in (None, 0.0) for g in groups for r in g.runs)
+            or (k.startswith("eval/") and any(_value(r, k) is not None for g in groups for r in g.runs))]
+    titles = [t for _, t in cols] + (["normalized return (det)"] if normalize_by else [])
+    lines = ["| setting | seeds | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(titles)]
     for g in groups:
         done = [r for r in g.runs if r.summary is not None]
-        cells = []
-        for k, _ in cols:
-            vals = [v for v in (value(r, k) for r in done) if v is not None]
-            cells.append(_mean_std(vals, 0 if k in ("queries_used", "wall_time_s") else (3 if "kl" in k or "win" in k else 1)))
+        cells = [fmt(summarize(_finals(g, k)), _digits(k)) for k, _ in cols]
+        if normalize_by:
+            cells.append(fmt(summarize(normalize(_finals(g, "eval/return_det"), *normalize_by)), 2))
         lines.append(f"| {g.label} | {len(done)}/{len(done) + len(g.failed)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def make_report(folder: Path, out: Path | None = None, log=print) -> tuple[Path, list[Path], list[str]]:
+COMPARE_KEYS = ("eval/return_det", "eval/return_stoch", "eval/win_rate_vs_ref")
+
+
+def comparison(groups: list[Group], a: str, b: str) -> list[str]:
+    """Markdown lines: P(A > B) (rliable's probability of improvement, ties 1/2) with its bootstrap
+    interval on each final metric both groups logged; lower cost or violation is better, so for those
+    the line says P(A's is lower)."""
+    by_label = {g.label: g for g in groups}
+    missing = [x for x in (a, b) if x not in by_label]
+    if missing:
+        raise UserError(f"--compare: no group {missing[0]!r}; groups: {', '.join(repr(g.label) for g in groups)}")
+    lines = [f"Probability of improvement, {a} over {b} (final metrics, 95% bootstrap interval over seeds):", ""]
+    for key in COMPARE_KEYS + ("eval/cost_det", "eval/violation"):
+        xa, xb = _finals(by_label[a], key), _finals(by_label[b], key)
+        if not xa or not xb:
+            continue
+        lower = key in ("eval/cost_det", "eval/violation")
+        xa, xb = (np.negative(xa), np.negative(xb)) if lower else (xa, xb)
+        lo, hi = prob_improvement_ci(xa, xb)
+        ci = f" [{lo:.2f}, {hi:.2f}]" if math.isfinite(lo) else " (no interval: one seed)"
+        lines.append(f"- {key}{' (lower is better)' if lower else ''}: P = {prob_improvement(xa, xb):.2f}{ci}, n = {len(xa)} vs {len(xb)}")
+    return lines + [""]
+
+
+def make_report(folder: Path, out: Path | None = None, log=print, compare: tuple[str, str] | None = None,
+                normalize_by: tuple[float, float] | None = None) -> tuple[Path, list[Path], list[str]]:
     """Write the figures and ``summary.md`` into ``out`` (default ``<folder>/report``); returns
-    ``(out, written PNGs, skipped-figure notes)``."""
+    ``(out, written PNGs, skipped-figure notes)``. ``compare = (A, B)``: group labels whose probability
+    of improvement is added; ``normalize_by = (ref, ceiling)``: a normalized-return column."""
     from rl_align.runs import write_text_atomic
 
     groups, what = load_groups(Path(folder))
     if not any(g.runs for g in groups):
         raise UserError(f"{folder}: no finished or logged run to report on (index.csv lists only failed or pending trials)")
+    if normalize_by is not None and normalize_by[0] == normalize_by[1]:
+        raise UserError(f"--normalize {normalize_by[0]:g} {normalize_by[1]:g}: the reference and the ceiling must differ")
+    comparison_lines = comparison(groups, *compare) if compare else []
     out = Path(out) if out is not None else Path(folder) / "report"
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
@@ -263,8 +296,12 @@ def make_report(folder: Path, out: Path | None = None, log=print) -> tuple[Path,
             if spec.get("xkey", "step") != "step":
                 keys = f"{spec['xkey']} together with {keys}"
             skipped.append(f"{spec['name']}: no run logged {keys}")
-    text = [f"# Report: {what}", "", "Final evaluation, mean ± std over seeds (sample std; one value when one seed finished).", "",
-            summary_table(groups), ""]
+    text = [f"# Report: {what}", "", "Final evaluation over seeds: IQM [95% stratified bootstrap interval] · mean ± sample std (n); "
+            "one value when one seed finished (no interval from one seed; at 2-3 seeds the interval spans about the observed range).", "",
+            summary_table(groups, normalize_by), ""]
+    if normalize_by:
+        text += [f"Normalized return = (return_det - {normalize_by[0]:g}) / ({normalize_by[1]:g} - {normalize_by[0]:g}): reference 0, ceiling 1.", ""]
+    text += comparison_lines
     failed = [f for g in groups for f in g.failed]
     if failed:
         text += ["Trials without a result:", ""] + [f"- {f}" for f in failed] + [""]
@@ -281,14 +318,20 @@ def make_report(folder: Path, out: Path | None = None, log=print) -> tuple[Path,
 
 
 def _report(args: argparse.Namespace) -> int:
-    make_report(Path(args.folder), Path(args.out) if args.out else None)
+    make_report(Path(args.folder), Path(args.out) if args.out else None, compare=tuple(args.compare) if args.compare else None,
+                normalize_by=tuple(args.normalize) if args.normalize else None)
     return 0
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="figures and a table from a run or sweep folder",
                        description="PNG figures (return, cost with the limit, multiplier, PL diagnostics, KL to the reference, "
-                                   "queries, return vs queries) and summary.md with final metrics mean ± std over seeds.")
+                                   "queries, return vs queries) and summary.md with final metrics as IQM [95% bootstrap CI] and "
+                                   "mean ± std over seeds.")
     p.add_argument("folder", help="a run folder (runs/<env>/<agent>/<stamp>) or a sweep folder (runs/sweeps/<name>)")
     p.add_argument("--out", default=None, help="output folder (default: <folder>/report)")
+    p.add_argument("--compare", nargs=2, metavar=("GROUP_A", "GROUP_B"),
+                   help="add the probability that A's final metrics beat B's (group labels as in the table, e.g. agent.lr=1e-3)")
+    p.add_argument("--normalize", nargs=2, type=float, metavar=("REF", "CEILING"),
+                   help="add the final deterministic return normalized: REF scores 0, CEILING (e.g. PPO on the true reward) 1")
     p.set_defaults(func=_report)

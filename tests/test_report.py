@@ -1,5 +1,5 @@
 """``report`` on a real sweep and on a preference run: the PNGs exist and the table has a row per setting
-with the mean ± std of the trials' final metrics."""
+with the IQM [bootstrap CI] and mean ± std of the trials' final metrics."""
 
 import csv
 
@@ -10,6 +10,7 @@ import pytest
 from rl_align.cli import main
 from rl_align.errors import UserError
 from rl_align.report import aggregate, make_report
+from rl_align.stats import iqm_ci
 from rl_align.runs import resolve_config
 from rl_align.sweep import SweepSpec, parse_grid, run_sweep
 from rl_align.train import train
@@ -25,7 +26,8 @@ def png_ok(path):
 def test_report_on_a_sweep(tmp_path, capsys):
     spec = SweepSpec(env="inverted-pendulum", agent="ppo", steps=512, sets=TINY, grid=parse_grid(["agent.lr=3e-4,1e-3"]), seeds=[0, 1])
     folder, _ = run_sweep(spec, name="rep", root=tmp_path, workers=1, log=lambda s: None)
-    assert main(["report", str(folder), "--out", str(tmp_path / "out")]) == 0
+    assert main(["report", str(folder), "--out", str(tmp_path / "out"), "--compare", "agent.lr=1e-3", "agent.lr=3e-4",
+                 "--normalize", "0", "1000"]) == 0
     out = tmp_path / "out"
     for name in ("return.png", "cost.png"):
         assert png_ok(out / name), name
@@ -42,8 +44,20 @@ def test_report_on_a_sweep(tmp_path, capsys):
         returns = [float(r["eval/return_det"]) for r in index if r["agent.lr"] == lr]
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == f"agent.lr={lr}" and cells[1] == "2/2"
-        assert cells[2] == f"{np.mean(returns):.1f} ± {np.std(returns, ddof=1):.1f}"
+        lo, hi = iqm_ci(returns)  # two seeds: IQM = mean; the bootstrap interval lies within the two returns
+        assert min(returns) <= lo <= hi <= max(returns)
+        assert cells[2] == (f"IQM {np.mean(returns):,.1f} [{lo:,.1f}, {hi:,.1f}] · mean {np.mean(returns):,.1f} "
+                            f"± {np.std(returns, ddof=1):,.1f} (n=2)")
+        norm = [r / 1000 for r in returns]
+        assert cells[-1].endswith(f"mean {np.mean(norm):,.2f} ± {np.std(norm, ddof=1):,.2f} (n=2)")
     assert "![return](return.png)" in md
+    pi = next(line for line in md.splitlines() if line.startswith("- eval/return_det:"))
+    hi_lr = [float(r["eval/return_det"]) for r in index if r["agent.lr"] == "1e-3"]
+    lo_lr = [float(r["eval/return_det"]) for r in index if r["agent.lr"] == "3e-4"]
+    share = np.mean([(a > b) + 0.5 * (a == b) for a in hi_lr for b in lo_lr])  # P(A > B) by its definition
+    assert pi.startswith(f"- eval/return_det: P = {share:.2f} [") and pi.endswith("n = 2 vs 2")
+    with pytest.raises(UserError, match="no group 'agent.lr=1'"):
+        make_report(folder, tmp_path / "out2", compare=("agent.lr=1", "agent.lr=3e-4"))
 
 
 def test_report_on_a_preference_run_draws_pl_kl_and_queries(tmp_path):
@@ -62,13 +76,17 @@ def test_report_on_a_preference_run_draws_pl_kl_and_queries(tmp_path):
     assert len(rows) == 1 and "| 1/1 |" in rows[0]
 
 
-def test_interval_is_the_t_interval_over_seeds():
+def test_curves_are_the_iqm_over_seeds_with_a_bootstrap_band_not_a_t_interval():
     x = np.array([0.0, 1.0, 2.0])
-    grid, mean, half = aggregate([(x, np.array([0.0, 1.0, 2.0])), (x, np.array([2.0, 3.0, 4.0])), (x + 0.5, np.array([1.0, 2.0, 3.0]))])
+    grid, center, band = aggregate([(x, np.array([0.0, 1.0, 2.0])), (x, np.array([2.0, 3.0, 4.0])), (x + 0.5, np.array([1.0, 2.0, 3.0]))])
     assert np.allclose(grid, [0.5, 1.0, 1.5, 2.0])  # the range all seeds cover
     ys = np.array([[0.5, 1, 1.5, 2], [2.5, 3, 3.5, 4], [1, 1.5, 2, 2.5]])
-    assert np.allclose(mean, ys.mean(0))
-    assert np.allclose(half, 4.302652729911275 * ys.std(0, ddof=1) / np.sqrt(3))
+    assert np.allclose(center, ys.mean(0))  # 3 seeds: the IQM trims nothing
+    lo, hi = band
+    # the percentile band stays inside the seeds' range; the t-interval (multiplier 4.30) would leave it
+    assert np.all(ys.min(0) <= lo) and np.all(lo < center) and np.all(center < hi) and np.all(hi <= ys.max(0))
+    assert np.all(center + 4.302652729911275 * ys.std(0, ddof=1) / np.sqrt(3) > ys.max(0))
+    assert aggregate([(x, x)])[2] is None  # one seed: no band
 
 
 def test_report_rejects_a_folder_that_is_not_a_run(tmp_path):
