@@ -6,6 +6,11 @@ so machine noise hits both; the ratio of medians is the figure.
 
     python benchmarks/throughput.py --steps 20480 --repeats 3
     python benchmarks/throughput.py --agent sail-revkl --n-envs 8   # a preference agent vs SB3 defaults
+    python benchmarks/throughput.py --agent sail-revkl --set agent.ref=refs/HalfCheetah-v5-9c38c611f9-s0.pt \
+        --against-set agent.diag_every=0 --against-set agent.curvature_every=0   # cost of the diagnostics
+    python benchmarks/throughput.py --raw   # plain HalfCheetah-v5 stepping with random actions, the ceiling
+
+``--against-set`` replaces SB3 by the same rl-align agent with those overrides (a ratio of two settings).
 """
 
 from __future__ import annotations
@@ -48,6 +53,22 @@ def sb3(steps: int, task: str) -> float:
     return model.num_timesteps / (time.perf_counter() - t)
 
 
+def raw(steps: int) -> float:
+    """Env steps/s of bare ``gymnasium.make("HalfCheetah-v5")`` with random actions (no agent at all)."""
+    import gymnasium as gym
+    import numpy as np
+
+    env = gym.make("HalfCheetah-v5")
+    env.reset(seed=0)
+    acts = np.random.default_rng(0).uniform(-1, 1, size=(steps,) + env.action_space.shape)
+    t = time.perf_counter()
+    for a in acts:
+        _, _, te, tr, _ = env.step(a)
+        if te or tr:
+            env.reset()
+    return steps / (time.perf_counter() - t)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20480)
@@ -55,17 +76,23 @@ def main() -> None:
     p.add_argument("--agent", default="ppo")
     p.add_argument("--env", default="halfcheetah")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--against-set", action="append", default=None, help="compare with the same agent under these overrides instead of SB3")
+    p.add_argument("--raw", action="store_true", help="also measure bare HalfCheetah-v5 stepping in each repeat")
     args = p.parse_args()
     torch.set_num_threads(1)
-    a, b = [], []
+    other = f"rl-align {args.agent} with {' '.join(args.against_set)}" if args.against_set else "SB3 PPO"
+    a, b, c = [], [], []
     for r in range(args.repeats):
         a.append(ours(args.steps, args.agent, args.env, args.set))
         torch.set_num_threads(1)
-        b.append(sb3(args.steps, "HalfCheetah-v5"))
-        print(f"repeat {r}: rl-align {args.agent} {a[-1]:,.0f} steps/s | SB3 PPO {b[-1]:,.0f} steps/s | ratio {a[-1] / b[-1]:.2f}", flush=True)
+        b.append(ours(args.steps, args.agent, args.env, args.set + args.against_set) if args.against_set else sb3(args.steps, "HalfCheetah-v5"))
+        c.append(raw(args.steps) if args.raw else float("nan"))
+        print(f"repeat {r}: rl-align {args.agent} {a[-1]:,.0f} steps/s | {other} {b[-1]:,.0f} steps/s | ratio {a[-1] / b[-1]:.3f}"
+              + (f" | raw env {c[-1]:,.0f} steps/s, share {a[-1] / c[-1]:.2f}" if args.raw else ""), flush=True)
     ma, mb = statistics.median(a), statistics.median(b)
-    print(f"median: rl-align {args.agent} {ma:,.0f} steps/s, SB3 PPO {mb:,.0f} steps/s, ratio {ma / mb:.2f}x "
-          f"({args.steps} steps x {args.repeats} repeats, torch threads 1)")
+    print(f"median: rl-align {args.agent} {ma:,.0f} steps/s, {other} {mb:,.0f} steps/s, ratio {ma / mb:.3f}x "
+          f"({args.steps} steps x {args.repeats} repeats, torch threads 1)"
+          + (f"; raw HalfCheetah-v5 {statistics.median(c):,.0f} steps/s, share reached {ma / statistics.median(c):.2f}" if args.raw else ""))
 
 
 if __name__ == "__main__":

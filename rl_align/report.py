@@ -194,7 +194,7 @@ def _keys(groups: list[Group], prefix: str, exclude: tuple[str, ...] = ()) -> li
 
 def figure_specs(groups: list[Group]) -> list[dict]:
     """What the report draws: name, title, panels (key, label), x axis, lines of the cost limit."""
-    pl = _keys(groups, "pl/", exclude=("pl/kl_ref",))
+    pl = _keys(groups, "pl/")
     return [
         {"name": "return.png", "title": "True return vs env steps",
          "panels": [("eval/return_det", "evaluation return (deterministic)"), ("eval/return_stoch", "evaluation return (stochastic)"),
@@ -205,7 +205,11 @@ def figure_specs(groups: list[Group]) -> list[dict]:
         {"name": "multiplier.png", "title": "Constraint layer (safety/*) vs env steps", "panels": [(k, k) for k in _keys(groups, "safety/")]},
         {"name": "pl_diagnostics.png", "title": "PL diagnostics (pl/*) vs env steps", "panels": [(k, k) for k in pl]},
         {"name": "kl_to_ref.png", "title": "KL(pi || pi_ref) vs env steps",
-         "panels": [("eval/kl_to_ref", "eval/kl_to_ref"), ("pl/kl_ref", "pl/kl_ref (training batch)")]},
+         "panels": [("eval/kl_to_ref", "eval/kl_to_ref"), ("train/kl_ref", "train/kl_ref (training batch, per state)")]},
+        {"name": "preference_diagnostics.png", "title": "Signal accuracy on labelled pairs (pref/*) vs env steps",
+         "panels": [(k, k) for k in _keys(groups, "pref/")]},
+        {"name": "gradients.png", "title": "Per-term gradient norms and DPO/shift cosine (grad/*) vs env steps",
+         "panels": [(k, k) for k in _keys(groups, "grad/")]},
         {"name": "queries.png", "title": "Preference queries used vs env steps", "panels": [("train/queries_used", "queries used")]},
         {"name": "return_vs_queries.png", "title": "Feedback efficiency: true return vs preference queries",
          "xkey": "train/queries_used", "xlabel": "preference queries used",

@@ -141,14 +141,16 @@ def test_two_part_gradient_matches_exact_enumeration(use_baseline):
     assert (torch.stack(dpo_only).mean(0) - exact).abs().max() > 10 * float(se.max())
 
 
-def _velocities(score: str, tmp_path) -> np.ndarray:
+DIRECTION = [  # from a random policy; log-std -1 so the sampled rollouts (what the oracle judges) follow the mean action
+    "agent.ref=init", "agent.n_envs=4", "agent.n_steps=200", "agent.segment_len=25", "agent.lr=0.003", "agent.log_std_init=-1.0",
+    "agent.shift_coef=0.1", "agent.revkl_coef=0", "agent.curvature_every=0", "agent.diag_every=0", "agent.win_rate_episodes=1",
+    "run.eval_episodes=1", "run.progress=false",
+]
+
+
+def _velocities(score: str, tmp_path, steps: int = 48_000, seed: int = 3) -> np.ndarray:
     """Mean x-velocity of each training rollout (stochastic policy) of a run whose oracle prefers ``score``."""
-    cfg = resolve_config("halfcheetah-pref", "sail", [
-        # from a random policy; log-std -1 so the sampled rollouts (what the oracle judges) follow the mean action
-        "agent.ref=init", "agent.n_envs=4", "agent.n_steps=200", "agent.segment_len=25", "agent.lr=0.003", "agent.log_std_init=-1.0",
-        "agent.curvature_every=0", "agent.win_rate_episodes=1", f"env.oracle.score={score}", f"run.out_dir={tmp_path}",
-        "run.eval_episodes=1", "run.progress=false",
-    ], steps=64_000, seed=3)
+    cfg = resolve_config("halfcheetah-pref", "sail", DIRECTION + [f"env.oracle.score={score}", f"run.out_dir={tmp_path}"], steps=steps, seed=seed)
     folder, _ = train(cfg, quiet=True)
     rows = [r for r in csv.DictReader(open(folder / "progress.csv")) if r.get("rollout/x_velocity")]
     return np.array([float(r["rollout/x_velocity"]) for r in rows])
@@ -160,9 +162,18 @@ def test_labels_not_rewards_drive_the_policy(tmp_path):
     fwd, bwd = _velocities("forward", tmp_path / "f"), _velocities("backward", tmp_path / "b")
     print("forward", np.round(fwd, 2), "backward", np.round(bwd, 2))
     assert fwd[0] == bwd[0]  # the first rollout comes from the same initial policy
-    # measured at seed 3: forward -0.03 -> 0.24, backward -0.03 -> -0.21 (mean of the last 3 rollouts)
+    # MARGINS
     assert fwd[-3:].mean() > fwd[0] + 0.2 and fwd[-3:].mean() > 0, fwd
     assert bwd[-3:].mean() < -0.15 and bwd[-3:].mean() < fwd[-3:].mean() - 0.4, bwd
+
+
+def test_a_user_score_by_dotted_path_drives_the_policy_as_the_built_in_one(tmp_path):
+    """``env.oracle.score=user_scores:forward_progress`` (tests/user_scores.py, the same quantity as the
+    built-in ``forward`` score) gives the same labels, hence the same training, bit for bit."""
+    builtin = _velocities("forward", tmp_path / "a", steps=4_000)
+    user = _velocities("user_scores:forward_progress", tmp_path / "b", steps=4_000)
+    assert len(builtin) == 5 and np.array_equal(builtin, user)
+    assert not np.array_equal(builtin, _velocities("backward", tmp_path / "c", steps=4_000))  # the labels do steer it
 
 
 def test_run_writes_pl_scalars_to_tensorboard_and_csv(tmp_path):

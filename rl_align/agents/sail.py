@@ -247,6 +247,7 @@ class SAIL(Agent):
             return {**b, "n_fresh_pairs": len(b["pref1"])}
         M = len(b["obs"])
         out = {k: torch.cat([b[k], stored[k].to(self.device)]) for k in PairStore.FIELDS}
+        out["old_logp"] = torch.cat([b["old_logp"], torch.zeros_like(stored["ref_logp"]).to(self.device)])  # the shift part is fresh-only
         out.update(i=torch.cat([b["i"], stored["i"].to(self.device) + M]), j=torch.cat([b["j"], stored["j"].to(self.device) + M]),
                    pref1=torch.cat([b["pref1"], stored["pref1"].to(self.device)]), n_fresh_pairs=len(b["pref1"]))
         return out
