@@ -116,7 +116,6 @@ def test_no_working_gl_backend_is_one_line_naming_what_to_install(monkeypatch):
     monkeypatch.delenv("MUJOCO_GL", raising=False)
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    monkeypatch.setattr(backend, "_chosen", None)
     monkeypatch.setattr(backend, "GL_BACKENDS", ("no-such-backend",))  # a backend MuJoCo refuses: the probe fails
     monkeypatch.delitem(sys.modules, "OpenGL", raising=False)  # as in a fresh process (the probe itself is a subprocess)
     if not sys.platform.startswith("linux"):

@@ -27,7 +27,6 @@ GL_BACKENDS = ("egl", "osmesa")
 GL_HINT = ("offscreen rendering needs EGL (apt-get install libegl1) or OSMesa (apt-get install libosmesa6); "
            "or set MUJOCO_GL=glfw on a machine with a display")
 _PROBE = "import mujoco; c = mujoco.GLContext(16, 16); c.make_current(); c.free()"
-_chosen: str | None = None
 
 
 def gl_works(backend: str, timeout: float = 60.0) -> str | None:
@@ -43,14 +42,12 @@ def gl_works(backend: str, timeout: float = 60.0) -> str | None:
 
 def choose_gl() -> str:
     """The offscreen backend this process renders with, chosen (and put in ``MUJOCO_GL``) when the user
-    has not; a one-line :class:`UserError` naming what to install when no backend works."""
-    global _chosen
+    has not (once: the choice then reads as the user's); a one-line :class:`UserError` naming what to
+    install when no backend works."""
     user = os.environ.get("MUJOCO_GL")
     if user:
         check_mujoco_loads()
         return user
-    if _chosen is not None:
-        return _chosen
     if not sys.platform.startswith("linux") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
         return "default"  # macOS (CGL) or a desktop session (GLFW): MuJoCo's own choice works
     if "OpenGL" in sys.modules:  # PyOpenGL already bound to a platform in this process: keep it
@@ -59,7 +56,7 @@ def choose_gl() -> str:
     for backend in GL_BACKENDS:
         why[backend] = gl_works(backend)
         if why[backend] is None:
-            os.environ["MUJOCO_GL"] = _chosen = backend
+            os.environ["MUJOCO_GL"] = backend
             check_mujoco_loads()
             return backend
     detail = "; ".join(f"{b}: {w[:80]}" for b, w in why.items())
