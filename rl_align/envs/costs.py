@@ -1,8 +1,10 @@
 """Per-step costs written to ``info["cost"]``, and the per-step features preference oracles score.
 
 Velocity cost as in Safety-Gymnasium's velocity tasks: ``c_t = 1[v > v_max]`` with ``v`` the forward
-x-velocity (Ant, Humanoid: planar speed). Energy cost: ``c_t = ||a_t||^2``. A user cost is any
-callable ``f(env, action, info) -> float`` named by a dotted path ``package.module:function``.
+x-velocity (Ant, Humanoid: planar speed); on a task with no default threshold and none given the cost
+is unavailable (nan), and only a run that uses it (a constrained agent) is refused. Energy cost:
+``c_t = ||a_t||^2``. A user cost is any callable ``f(env, action, info) -> float`` named by a dotted
+path ``package.module:function``.
 """
 
 from __future__ import annotations
