@@ -8,6 +8,7 @@ as is, and an env name that is no preset is taken as a Gymnasium task id.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -101,13 +102,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if tp is float:
+        return _finite_float(value, key)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
@@ -115,6 +111,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp in (str, bool) and isinstance(value, tp):
         return value
     raise UserError(f"{key} must be {_type_name(tp)}, got {value!r}")
+
+
+def _finite_float(value: Any, key: str) -> float:
+    """Every float of a config is a rate, coefficient, limit or threshold: nan or inf in one would only
+    surface deep in a run (a torch error, a limit that never binds), so it is refused here, once, for all.
+    A quantity that means "no limit" is spelled ``null`` (``float | None`` fields), never ``inf``."""
+    out = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            out = float(value)
+        except ValueError:
+            pass
+    if out is None:
+        raise UserError(f"{key} must be float, got {value!r}")
+    if not math.isfinite(out):
+        raise UserError(f"{key} must be a finite number, got {value!r}; give a real value (or null where the field allows it)")
+    return out
 
 
 def build(cls: type, data: dict, prefix: str) -> Any:

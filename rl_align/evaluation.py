@@ -2,25 +2,20 @@
 
 Return, episode cost, violation ``max(0, Jc - d)``, share of episodes over the cost budget, and the
 agent's extra metrics (win rate against the reference under the run's oracle, KL to the reference) when
-it has them. Videos are rendered offscreen by MuJoCo: headless Linux needs ``MUJOCO_GL=egl`` (chosen by
-``rl-align eval --video`` when unset and there is no display) or ``MUJOCO_GL=osmesa``. MuJoCo reads the
-variable once, at import, so a Python caller sets it before importing gymnasium or rl_align.
+it has them. Videos are rendered offscreen by MuJoCo; with ``MUJOCO_GL`` unset on a headless Linux machine
+the backend (EGL, then OSMesa) is chosen by :func:`rl_align.envs.backend.choose_gl`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from rl_align.envs.backend import GL_HINT, choose_gl
 from rl_align.errors import UserError
-
-GL_HINT = ("offscreen rendering needs EGL (apt-get install libegl1; MUJOCO_GL=egl) or OSMesa "
-           "(apt-get install libosmesa6; MUJOCO_GL=osmesa)")
-
 
 def load_agent(folder: Path):
     """``(config, agent)`` of a run folder, the agent holding the weights of ``checkpoints/last.pt``."""
@@ -123,18 +118,6 @@ def print_metrics(folder: Path, m: dict, deterministic: bool) -> None:
             print(f"  {label:<21} {m[key]:10.3f}")
 
 
-def choose_gl() -> None:
-    """Pick headless EGL when nothing is chosen (before MuJoCo is imported), and turn a GL library that
-    cannot load into a one-line error instead of a traceback from deep inside PyOpenGL."""
-    if "mujoco" not in sys.modules and "MUJOCO_GL" not in os.environ and sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
-        os.environ["MUJOCO_GL"] = "egl"
-    try:
-        import mujoco  # noqa: F401
-    except Exception as exc:  # AttributeError / ImportError from PyOpenGL when the GL library is missing
-        raise UserError(f"MuJoCo cannot load with MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')} "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {GL_HINT}") from None
-
-
 def _eval(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     if args.video:
@@ -151,7 +134,7 @@ def _eval(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on fresh envs (optionally record a video)",
                        description="Evaluate checkpoints/last.pt of a run folder: return, episode cost, violation, win rate vs "
-                                   "the reference; --video renders one episode offscreen (MUJOCO_GL=egl or osmesa).")
+                                   "the reference; --video renders one episode offscreen (EGL or OSMesa, chosen when MUJOCO_GL is unset).")
     p.add_argument("folder", help="a run folder (runs/<env>/<agent>/<stamp>)")
     p.add_argument("--episodes", type=int, default=10, help="episodes to evaluate (default 10)")
     p.add_argument("--seed", type=int, default=None, help="first env seed (default: the run's seed + 300000, unseen in training)")

@@ -22,7 +22,7 @@ import yaml
 from rl_align.agents import get_agent_class
 from rl_align.agents.base import AgentConfig
 from rl_align.config import TrainConfig, apply_overrides, build, list_presets, load_preset, read_yaml, to_dict
-from rl_align.envs import EnvConfig, check_task
+from rl_align.envs import EnvConfig, check_task, require_cost
 from rl_align.errors import UserError
 
 
@@ -79,12 +79,16 @@ def resolve_config(env: str, agent: str, overrides: list[str] = (), steps: int |
 
 def from_data(env_name: str, agent_name: str, algo: str, data: dict) -> RunConfig:
     cls = get_agent_class(algo)
-    return RunConfig(
+    cfg = RunConfig(
         env_name=env_name, agent_name=agent_name, algo=algo,
         env=build(EnvConfig, data.get("env") or {}, "env"),
         agent=build(cls.config_cls, data.get("agent") or {}, "agent"),
         run=build(TrainConfig, data.get("run") or {}, "run"),
     )
+    method = getattr(getattr(cfg.agent, "constraint", None), "method", "none")
+    if method != "none":  # a constrained agent: the cost must exist before anything runs
+        require_cost(cfg.env.cost, cfg.env.task, f"agent {agent_name} (agent.constraint.method={method})")
+    return cfg
 
 
 def load_run_config(folder: Path) -> RunConfig:

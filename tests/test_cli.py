@@ -21,6 +21,7 @@ BAD = [
     (["--set", "env.cost.limit=-3"], "limit must be >= 0"),
     (["--set", "agent.n_steps=0"], "agent.n_steps must be >= 1"),
     (["--set", "nokey"], "must look like section.key=value"),
+    (["--env", "Reacher-v5", "--agent", "ppo-lag"], "Reacher has no default velocity threshold; set env.cost.threshold="),
 ]
 
 
@@ -30,9 +31,29 @@ def test_bad_input_one_line_exit_2_no_folder(tmp_path, args, message):
     res = rl_align("train", "--steps", "100", *args, "--set", f"run.out_dir={out}") if "--steps" not in args else \
         rl_align("train", *args, "--set", f"run.out_dir={out}")
     assert res.returncode == 2, res.stderr
-    lines = [l for l in res.stderr.splitlines() if l.strip() and "WARNING" not in l and "settotalmass" not in l]
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and message in lines[0], res.stderr
     assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+# every kind of float field: plain (agent.lr, a coefficient), optional (limits, thresholds), list (weights)
+FLOAT_FIELDS = [("ppo", "agent.lr"), ("ppo", "agent.ent_coef"), ("ppo", "agent.target_kl"), ("ppo-lag", "agent.constraint.limit"),
+                ("ppo-lag", "agent.constraint.lam_lr"), ("ppo", "env.cost.threshold"), ("ppo", "env.cost.limit"),
+                ("sail-revkl", "agent.revkl_coef"), ("sail-revkl", "env.oracle.temperature"), ("sail-revkl", "env.oracle.weights")]
+
+
+@pytest.mark.parametrize("agent,key", FLOAT_FIELDS)
+def test_nan_and_inf_in_any_float_field_are_refused_before_anything_runs(tmp_path, capsys, agent, key):
+    from rl_align.cli import main
+
+    out = tmp_path / "runs"
+    for raw in ("nan", "inf", "-inf", ".nan", "-.inf"):
+        value = f"[1.0, {raw}, 0.0]" if key.endswith("weights") else raw
+        assert main(["train", "--env", "halfcheetah-pref", "--agent", agent, "--steps", "100", "--set", f"{key}={value}",
+                     "--set", f"run.out_dir={out}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "must be a finite number" in err[0] and key in err[0], err
     assert not out.exists()
 
 

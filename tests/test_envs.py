@@ -1,5 +1,8 @@
 """The env stack: any MuJoCo task, costs in info, env checker, same-step autoreset."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
@@ -9,6 +12,7 @@ from rl_align.envs import CostConfig, EnvConfig, make_env, make_vec_env
 from rl_align.envs.costs import VELOCITY_THRESHOLDS
 from rl_align.errors import UserError
 from rl_align.runs import resolve_config
+from rl_align.train import train
 
 
 @pytest.mark.parametrize("preset", sorted(list_presets("envs")))
@@ -38,8 +42,39 @@ def test_velocity_cost_is_one_exactly_above_threshold(task):
 def test_default_thresholds_are_safety_gymnasium_v1():
     env = make_env("HalfCheetah-v5")
     assert env.threshold == VELOCITY_THRESHOLDS["HalfCheetah"] == 3.2096
-    with pytest.raises(UserError, match="env.cost.threshold"):
-        make_env("Reacher-v5")  # no default: the user must say
+    env = make_env("Reacher-v5")  # no default: the cost is unavailable, not an error
+    env.reset(seed=0)
+    info = env.step(env.action_space.sample())[4]
+    assert env.threshold is None and not env.cost_available and np.isnan(info["cost"])
+    given = make_env(EnvConfig(task="Reacher-v5", cost=CostConfig(threshold=0.5)), seed=0)
+    assert given.cost_available and given.step(given.action_space.sample())[4]["cost"] in (0.0, 1.0)
+
+
+def test_a_task_without_a_default_threshold_trains_unconstrained_and_a_constrained_run_asks(tmp_path):
+    sets = ["agent.n_envs=2", "agent.n_steps=256", "agent.epochs=2", "run.eval_episodes=2", "run.progress=false",
+            f"run.out_dir={tmp_path}"]
+    folder, summary = train(resolve_config("Reacher-v5", "ppo", sets, steps=2048, seed=0), quiet=True)
+    assert summary["env_steps"] == 2048 and (folder / "checkpoints" / "last.pt").exists()
+    assert np.isfinite(summary["final"]["eval/return_det"]) and np.isnan(summary["final"]["eval/cost_det"])
+    for agent in ("ppo-lag", "ppo-pid", "sail-revkl-lag"):
+        with pytest.raises(UserError, match=r"needs the episode cost, but Reacher has no default velocity threshold; "
+                                            r"set env.cost.threshold=") as info:
+            resolve_config("Reacher-v5", agent, sets)
+        assert "\n" not in str(info.value)
+    assert resolve_config("Reacher-v5", "ppo-lag", [*sets, "env.cost.threshold=0.5"]).env.cost.threshold == 0.5
+    assert resolve_config("Reacher-v5", "ppo-lag", [*sets, "env.cost.kind=energy"]).env.cost.kind == "energy"
+
+
+def test_mujoco_deprecations_print_once_and_other_warnings_every_time():
+    code = ("import mujoco, numpy as np; from rl_align.envs import make_env\n"
+            "envs = [make_env('HalfCheetah-v5') for _ in range(4)]\n"
+            "for e in envs[:2]:\n"
+            "    b = e.unwrapped; b.data.qvel[:] = np.nan; mujoco.mj_step(b.model, b.data)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert sum("is deprecated" in line for line in lines) <= 1  # MuJoCo 4: once, not once per env made
+    assert sum("simulation is unstable" in line for line in lines) == 2  # each instability still shown
 
 
 def user_cost(env, action, info):

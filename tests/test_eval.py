@@ -62,27 +62,65 @@ def test_bad_video_name_and_bad_folder_are_one_line_errors(ppo_run, tmp_path, ca
 
 
 def _gl_works() -> str | None:
+    """None when some offscreen backend (EGL or OSMesa) renders a frame here, probed independently of rl_align."""
     code = ("import gymnasium as gym; e = gym.make('InvertedPendulum-v5', render_mode='rgb_array'); e.reset(seed=0); "
             "assert e.render().std() > 0")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")})
-    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1]
+    why = []
+    for backend in ("egl", "osmesa"):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "MUJOCO_GL": backend})
+        if r.returncode == 0:
+            return None
+        why.append(f"{backend}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    return "; ".join(why)
 
 
-def test_eval_writes_a_video(ppo_run, tmp_path):
+def test_eval_writes_a_video_choosing_the_gl_backend_itself(ppo_run, tmp_path, monkeypatch):
     why = _gl_works()
     if why is not None:
-        pytest.skip(f"no offscreen GL here (MUJOCO_GL={os.environ.get('MUJOCO_GL', 'egl')}: {why}); install libegl1 or libosmesa6")
+        pytest.skip(f"no offscreen GL on this machine ({why}); install libegl1 or libosmesa6")
     imageio = pytest.importorskip("imageio.v2", reason="imageio not installed (pip install 'rl-align[video]')")
     out = tmp_path / "episode.gif"
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")}  # as the README runs it
     r = subprocess.run([sys.executable, "-m", "rl_align.cli", "eval", str(ppo_run), "--episodes", "1", "--video", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     frames = imageio.mimread(out)
     n = int(r.stdout.split("(")[-1].split(" frames")[0])
     assert len(frames) == (n + 1) // 2 and frames[0].ndim == 3  # every other frame of the episode
     assert not np.array_equal(frames[0], frames[-1])  # the pendulum moved
     if importlib.util.find_spec("imageio_ffmpeg"):  # MP4 needs the ffmpeg plugin (in the video extra)
+        # in this process too, where MuJoCo is already imported; setenv+delenv makes the teardown remove
+        # the MUJOCO_GL that the eval chooses, so later tests see the environment they started with
+        monkeypatch.setenv("MUJOCO_GL", "")
+        monkeypatch.delenv("MUJOCO_GL")
+        monkeypatch.delenv("PYOPENGL_PLATFORM", raising=False)
         mp4 = tmp_path / "episode.mp4"
         assert main(["eval", str(ppo_run), "--episodes", "1", "--video", str(mp4)]) == 0
         assert mp4.stat().st_size > 1000
+
+
+def test_a_users_mujoco_gl_is_respected(ppo_run, tmp_path):
+    env = {**os.environ, "MUJOCO_GL": "no-such-backend"}
+    r = subprocess.run([sys.executable, "-m", "rl_align.cli", "eval", str(ppo_run), "--video", str(tmp_path / "v.gif")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "MUJOCO_GL=no-such-backend" in r.stderr and "apt-get install libegl1" in r.stderr
+    assert not (tmp_path / "v.gif").exists()
+
+
+def test_no_working_gl_backend_is_one_line_naming_what_to_install(monkeypatch):
+    from rl_align.envs import backend
+
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(backend, "GL_BACKENDS", ("no-such-backend",))  # a backend MuJoCo refuses: the probe fails
+    monkeypatch.delitem(sys.modules, "OpenGL", raising=False)  # as in a fresh process (the probe itself is a subprocess)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the probe runs on headless Linux only")
+    with pytest.raises(backend.UserError, match=r"^no offscreen OpenGL works on this machine \(no-such-backend: .*apt-get install "
+                                                r"libegl1.*apt-get install libosmesa6") as info:
+        backend.choose_gl()
+    assert "\n" not in str(info.value) and "MUJOCO_GL" not in os.environ

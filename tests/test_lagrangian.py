@@ -85,6 +85,8 @@ def _episode_costs(method, tmp_path):
 def test_opd_lowers_episode_cost_under_a_tight_velocity_limit(tmp_path):
     free, _ = _episode_costs("none", tmp_path / "ppo")
     opd, rows = _episode_costs("opd", tmp_path / "opd")
+    # measured last-3 episode cost, free vs OPD, seeds 0/1/2: 239.1 vs 182.8 (-56), 238.4 vs 171.3 (-67),
+    # 219.3 vs 156.4 (-63); final lambda 23.0 / 22.0 / 22.6, cumulative violation > 2000 at each
     assert opd[-3:].mean() < free[-3:].mean() - 30, (free, opd)
     assert float(rows[-1]["safety/lambda"]) > 0 and float(rows[-1]["safety/cum_violation"]) > 0
     assert {"safety/violation", "safety/over_budget_share", "safety/ep_cost"} <= set(rows[-1])
@@ -108,5 +110,9 @@ def test_sail_revkl_opd_runs_with_the_same_layer(tmp_path):
     folder, summary = train(cfg, quiet=True)
     rows = [r for r in csv.DictReader(open(folder / "progress.csv")) if r.get("safety/lambda")]
     lams = [float(r["safety/lambda"]) for r in rows]
-    assert lams[-1] > 0 and lams == sorted(lams)  # cost far over a limit of 5: the multiplier only rises
+    # Cost far over a limit of 5, so the multiplier climbs; not at every step: OPD steps on 2 g_k - g_{k-1},
+    # negative when the episode cost halves between iterations (seed 0: 3.525 -> 3.4 after cost 23.5 -> 13).
+    # Measured lams[0] -> lams[-1] (rising steps of 5), seeds 0/1/2: 0.83 -> 7.18 (4), 1.08 -> 7.23 (5), 2.20 -> 6.90 (5).
+    rises = np.diff(lams) > 0
+    assert lams[-1] - lams[0] > 3 and rises.mean() >= 0.6, lams
     assert summary["queries_used"] > 0

@@ -61,6 +61,7 @@ def test_ppo_raises_inverted_pendulum_return(run_dir):
     cfg = resolve_config("inverted-pendulum", "ppo", [run_dir, "run.eval_episodes=5", "run.progress=false"], steps=16384, seed=0)
     _, summary = train(cfg, quiet=True)
     before, after = summary["initial"]["eval/return_det"], summary["final"]["eval/return_det"]
+    # measured before -> after, seeds 0/1/2: 23.0 -> 1000.0, 21.4 -> 1000.0, 22.4 -> 1000.0 (the episode cap)
     assert before < 100 and after > 5 * before and after > 300, (before, after)
 
 

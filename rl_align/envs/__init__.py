@@ -8,11 +8,13 @@ from typing import NamedTuple
 import gymnasium as gym
 import numpy as np
 
-from rl_align.envs.costs import FEATURE_NAMES, CostConfig, CostWrapper
+from rl_align.envs.backend import choose_gl, quiet_deprecations
+from rl_align.envs.costs import FEATURE_NAMES, CostConfig, CostWrapper, require_cost
 from rl_align.envs.oracles import Oracle, OracleConfig
 from rl_align.errors import UserError
 
-__all__ = ["EnvConfig", "CostConfig", "OracleConfig", "Oracle", "make_env", "make_vec_env", "VecEnv", "FEATURE_NAMES"]
+__all__ = ["EnvConfig", "CostConfig", "OracleConfig", "Oracle", "make_env", "make_vec_env", "VecEnv", "FEATURE_NAMES",
+           "choose_gl", "require_cost"]
 
 
 @dataclass
@@ -45,6 +47,9 @@ def make_env(config: EnvConfig | str, seed: int | None = None, render_mode: str 
     if isinstance(config, str):
         config = EnvConfig(task=config)
     check_task(config.task)
+    if render_mode in ("rgb_array", "depth_array"):
+        choose_gl()  # before the renderer is built: MUJOCO_GL is read when the first frame is drawn
+    quiet_deprecations()
     kwargs = {"render_mode": render_mode} if render_mode else {}
     if config.max_episode_steps is not None:
         kwargs["max_episode_steps"] = config.max_episode_steps

@@ -1,13 +1,17 @@
 """Per-step costs written to ``info["cost"]``, and the per-step features preference oracles score.
 
 Velocity cost as in Safety-Gymnasium's velocity tasks: ``c_t = 1[v > v_max]`` with ``v`` the forward
-x-velocity (Ant, Humanoid: planar speed). Energy cost: ``c_t = ||a_t||^2``. A user cost is any
-callable ``f(env, action, info) -> float`` named by a dotted path ``package.module:function``.
+x-velocity (Ant, Humanoid: planar speed); on a task with no default threshold and none given the cost
+is unavailable (nan), and only a run that uses it (a constrained agent) is refused. Energy cost:
+``c_t = ||a_t||^2``. A user cost is any callable ``f(env, action, info) -> float`` named by a dotted
+path ``package.module:function``.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,6 +52,29 @@ def load_dotted(path: str, what: str) -> Callable:
     return obj
 
 
+def velocity_threshold(config: "CostConfig", family: str) -> float | None:
+    """The velocity cost's threshold: the configured one, else the Safety-Gymnasium default of the task
+    family, else None (the cost is unavailable; only a run that uses the cost needs one)."""
+    return config.threshold if config.threshold is not None else VELOCITY_THRESHOLDS.get(family)
+
+
+def require_cost(config: "CostConfig", task: str, why: str) -> None:
+    """One-line error when ``why`` (a constraint, a cost report) needs a cost that ``task`` cannot give."""
+    family = task_family(task)
+    if config.kind == "velocity" and velocity_threshold(config, family) is None:
+        raise UserError(f"{why} needs the episode cost, but {family} has no default velocity threshold; set "
+                        f"env.cost.threshold=<speed> (defaults exist for {', '.join(VELOCITY_THRESHOLDS)})")
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(text: str) -> None:
+    if text not in _NOTED:
+        _NOTED.add(text)
+        print(f"rl-align: note: {text}", file=sys.stderr)
+
+
 @dataclass
 class CostConfig:
     """Which cost ``info["cost"]`` carries and the per-episode limit ``d`` constrained agents respect."""
@@ -72,14 +99,11 @@ class CostWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         gym.Wrapper.__init__(self, env)
         self.config = config
         self.family = task_family(env.spec.id if env.spec is not None else "")
-        self.threshold = config.threshold
-        if config.kind == "velocity" and self.threshold is None:
-            if self.family not in VELOCITY_THRESHOLDS:
-                raise UserError(
-                    f"no default velocity threshold for {self.family}; set env.cost.threshold=<value> "
-                    f"(defaults exist for {', '.join(VELOCITY_THRESHOLDS)})"
-                )
-            self.threshold = VELOCITY_THRESHOLDS[self.family]
+        self.threshold = velocity_threshold(config, self.family)
+        self.cost_available = config.kind != "velocity" or self.threshold is not None
+        if not self.cost_available:
+            _note_once(f"{self.family} has no default velocity threshold: its episode cost is reported as nan "
+                       f"(unavailable); set env.cost.threshold=<speed> to measure it")
         self.user_cost = None
         if config.kind not in ("velocity", "energy", "none"):
             self.user_cost = load_dotted(config.kind, "cost function")
@@ -102,7 +126,7 @@ class CostWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         energy = float(np.sum(np.square(action)))
         kind = self.config.kind
         if kind == "velocity":
-            cost = float(speed > self.threshold)
+            cost = float(speed > self.threshold) if self.cost_available else math.nan
         elif kind == "energy":
             cost = energy
         elif kind == "none":
