@@ -56,8 +56,8 @@ class Record:
         self.state = state[0] if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict) else state
 
 
-_NUMPY_ARRAYS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-                 ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+_NUMPY_ARRAYS = {("numpy", "ndarray"), ("numpy", "dtype")} | {  # numpy 1 and 2 module names; _frombuffer: pickle protocol 5
+    (f"numpy.{core}.{mod}", fn) for core in ("core", "_core") for mod, fn in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
 _RECORDS = {  # what VecNormalize.save writes besides arrays: the wrapper, its running stats, the spaces' seeded generators
     ("stable_baselines3.common.vec_env.vec_normalize", "VecNormalize"), ("stable_baselines3.common.running_mean_std", "RunningMeanStd"),
     ("gymnasium.spaces.box", "Box"), ("gym.spaces.box", "Box"), ("numpy.random._pickle", "__generator_ctor"),
