@@ -114,8 +114,7 @@ def read_vecnormalize(path: Path) -> dict | None:
 # ---- reading the model zip ------------------------------------------------------------------------
 @dataclass
 class SB3Policy:
-    """An SB3 Gaussian MLP policy in rl-align's shapes: ``policy`` / ``value`` are ``GaussianPolicy`` /
-    ``ValueNet`` state dicts (``value`` None when the critic's layers differ from the actor's)."""
+    """An SB3 Gaussian MLP policy in rl-align's shapes: ``policy`` is a ``GaussianPolicy`` state dict."""
 
     source: str
     hidden: list[int]
@@ -123,7 +122,6 @@ class SB3Policy:
     obs_dim: int
     act_dim: int
     policy: dict[str, torch.Tensor]
-    value: dict[str, torch.Tensor] | None
     obs_rms: dict | None  # RunningMeanStd state; None: trained on raw observations
 
 
@@ -205,14 +203,10 @@ def read_sb3(spec: str) -> SB3Policy:
     policy = {f"mean.{i}.{p}": w[f"mlp_extractor.policy_net.{i}.{p}"].float() for i in pi for p in ("weight", "bias")}
     policy.update({f"mean.{2 * len(pi)}.weight": w["action_net.weight"].float(), f"mean.{2 * len(pi)}.bias": w["action_net.bias"].float(),
                    "log_std": w["log_std"].float()})
-    value = None
-    if [int(w[f"mlp_extractor.value_net.{i}.weight"].shape[0]) for i in vf] == hidden:
-        value = {f"net.{i}.{p}": w[f"mlp_extractor.value_net.{i}.{p}"].float() for i in vf for p in ("weight", "bias")}
-        value.update({f"net.{2 * len(vf)}.weight": w["value_net.weight"].float(), f"net.{2 * len(vf)}.bias": w["value_net.bias"].float()})
     obs_rms = read_vecnormalize(pkl_path) if pkl_path is not None else None
     if obs_rms is not None and tuple(obs_rms["mean"].shape) != (obs_dim,):
         raise UserError(f"{pkl_path} normalizes {tuple(obs_rms['mean'].shape)} observations but {zip_path} takes ({obs_dim},); pair the files SB3 saved together")
-    return SB3Policy(str(zip_path), hidden, _activation(data, zip_path), int(obs_dim), int(act_dim), policy, value, obs_rms)
+    return SB3Policy(str(zip_path), hidden, _activation(data, zip_path), int(obs_dim), int(act_dim), policy, obs_rms)
 
 
 def agent_state(spec: str, agent) -> dict:
