@@ -82,10 +82,16 @@ class Agent:
         self.freeze_obs_rms = False  # preference agents see states through pi_ref's frozen normalizer
 
     def start_from(self, path) -> dict:
-        """Copy the policy and observation normalizer of a run folder or checkpoint (an "SFT" start)."""
+        """Copy the policy and observation normalizer of a run folder or checkpoint (an "SFT" start), or of
+        an SB3 model named ``sb3:<model.zip>[:<vecnormalize.pkl>]`` (read without unpickling: rl_align/sb3.py)."""
         from rl_align.runs import load_checkpoint
 
-        state = load_checkpoint(path)
+        if str(path).startswith("sb3:"):
+            from rl_align.sb3 import agent_state
+
+            state = agent_state(str(path)[len("sb3:"):], self)
+        else:
+            state = load_checkpoint(path)
         if "policy" not in state or "obs_rms" not in state:
             raise UserError(f"{path} holds no policy; give a run folder or checkpoint written by rl-align train")
         try:
