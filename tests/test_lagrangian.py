@@ -178,6 +178,26 @@ def test_opd_without_optimism_is_exactly_pd_in_training():
     assert all(torch.equal(a[2], b[2]) and a[0]["safety/lambda"] == b[0]["safety/lambda"] for a, b in zip(pd, off))
 
 
+def test_layer_state_survives_a_checkpoint(tmp_path):
+    from rl_align.runs import load_checkpoint, save_checkpoint
+
+    cfg = resolve_config("halfcheetah", "ppo-opd", TINY + ["env.cost.limit=5", "agent.constraint.lam_lr=0.05"], steps=10_000, seed=2)
+    agent, venv = build_agent(cfg)
+    tracker, obs = EpisodeTracker(venv.n_envs), venv.reset()
+    for _ in range(2):
+        obs = agent.collect(venv, obs, tracker)
+        agent.last_episodes = tracker.pop()
+        agent.update()
+    save_checkpoint(tmp_path / "last.pt", agent.state_dict())
+    other, venv2 = build_agent(cfg)
+    other.load_state_dict(load_checkpoint(tmp_path / "last.pt"))
+    a, b = agent.lagrangian, other.lagrangian
+    assert a.lam > 0 and a.state_dict() == b.state_dict()
+    assert [a.multiplier.update(c) for c in COSTS] == [b.multiplier.update(c) for c in COSTS]  # g_{k-1} and lam_{k-1} carried over
+    venv.close()
+    venv2.close()
+
+
 # ---- a learning check -----------------------------------------------------------------------------------
 def _episode_costs(method, tmp_path, seed):
     cfg = resolve_config("halfcheetah", "ppo-lag", [f"agent.constraint.method={method}", "agent.constraint.lam_lr=0.01",
