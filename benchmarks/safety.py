@@ -13,6 +13,13 @@ run ends, so a cut-short benchmark keeps what it measured.
 Table cells are IQM [95% bootstrap interval] · mean ± sample std (n seeds) (``rl_align.stats``); the
 probability-of-improvement table compares each constrained agent with PPO-Lag (lower cost, violation and
 oscillation count as better).
+
+Stability frontier (issue 15): PD, PID, OPD, OPD dual-only, OPD primal-only over dual step sizes, each
+run's cost curve (the per-iteration cost estimate the multiplier sees) split into a slow part (moving
+average) and a fast part, the multiplier's peak-to-peak over the second half, the last-10% cost against
+the limit and the final return:
+
+    python benchmarks/safety.py --frontier --etas 0.002,0.006,0.02 --seeds 0,1 --steps 100000 --out benchmarks/frontier.jsonl
 """
 
 from __future__ import annotations
@@ -116,6 +123,72 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---- stability frontier (issue 15) ------------------------------------------------------------------
+VARIANTS = {  # name -> overrides of the ppo-lag preset at dual step size eta (PID: all three gains = eta)
+    "pd": lambda eta: ["agent.constraint.method=pd", f"agent.constraint.lam_lr={eta}"],
+    "pid": lambda eta: ["agent.constraint.method=pid", f"agent.constraint.ki={eta}", f"agent.constraint.kp={eta}", f"agent.constraint.kd={eta}"],
+    "opd": lambda eta: ["agent.constraint.method=opd", f"agent.constraint.lam_lr={eta}"],
+    "opd-dual-only": lambda eta: ["agent.constraint.method=opd", f"agent.constraint.lam_lr={eta}", "agent.constraint.primal_optimism=false"],
+    "opd-primal-only": lambda eta: ["agent.constraint.method=opd", f"agent.constraint.lam_lr={eta}", "agent.constraint.dual_optimism=false"],
+}
+
+
+def split_oscillation(cost: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """``cost = slow + fast``: ``slow`` the centred moving average over ``window`` iterations (the drift
+    the multiplier can act on), ``fast`` the rest (mostly the noise of one rollout's estimate)."""
+    pad = np.pad(cost, (window // 2, window - 1 - window // 2), mode="edge")
+    slow = np.convolve(pad, np.ones(window) / window, mode="valid")
+    return slow, cost - slow
+
+
+def frontier_one(variant: str, eta: float, seed: int, steps: int, env: str, sets: list[str], window: int) -> dict:
+    """One run; figures over the second half of the per-iteration cost estimates (last 10% for violation)."""
+    from rl_align.runs import resolve_config
+    from rl_align.train import train
+
+    cfg = resolve_config(env, "ppo-lag", ["run.progress=false", "run.out_dir=runs/bench-frontier", *sets, *VARIANTS[variant](eta)], steps=steps, seed=seed)
+    folder, summary = train(cfg, quiet=True)
+    it = [r for r in csv.DictReader(open(folder / "progress.csv")) if r.get("safety/cost_estimate")]
+    col = lambda k: np.array([float(r[k]) if r.get(k) else np.nan for r in it])  # noqa: E731
+    cost, lam, d = col("safety/cost_estimate"), col("safety/lambda"), cfg.env.cost.limit
+    slow, fast = split_oscillation(cost, window)
+    half, tail = len(cost) // 2, max(1, len(cost) // 10)
+    last = float(cost[-tail:].mean())
+    return {"variant": variant, "eta": eta, "seed": seed, "steps": steps, "limit": d, "iterations": len(cost),
+            "slow_osc": float(slow[half:].std()), "fast_osc": float(fast[half:].std()), "lam_ptp": float(np.ptp(lam[half:])),
+            "last10_cost": last, "last10_violation": max(0.0, last - d), "within_10pct": bool(last <= 1.1 * d),
+            "primal_shift": float(np.nanmean(np.abs(col("safety/primal_shift")[half:]))),
+            "return_det": summary["final"]["eval/return_det"], "cost_det": summary["final"]["eval/cost_det"],
+            "return_rollout": float(np.nanmean(col("rollout/ep_return")[-tail * 2:])), "wall_s": summary["wall_time_s"],
+            "folder": str(folder), "curve": {"step": col("step").tolist(), "cost": cost.tolist(), "lam": lam.tolist()}}
+
+
+def frontier_table(results: list[dict]) -> str:
+    """Per variant and step size: mean ± std [min, max] over seeds (n given)."""
+    f = lambda xs: f"{np.mean(xs):,.2f} ± {np.std(xs):,.2f} [{np.min(xs):,.2f}, {np.max(xs):,.2f}]"  # noqa: E731
+    lines = ["| variant | eta | n | slow osc. | fast osc. | lam peak-to-peak | last-10% cost | within 10% of d | return (det) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        for eta in sorted({r["eta"] for r in results if r["variant"] == variant}):
+            rs = [r for r in results if r["variant"] == variant and r["eta"] == eta]
+            lines.append(f"| {variant} | {eta:g} | {len(rs)} | {f([r['slow_osc'] for r in rs])} | {f([r['fast_osc'] for r in rs])} | "
+                         f"{f([r['lam_ptp'] for r in rs])} | {f([r['last10_cost'] for r in rs])} | {sum(r['within_10pct'] for r in rs)}/{len(rs)} | "
+                         f"{f([r['return_det'] for r in rs])} |")
+    return "\n".join(lines)
+
+
+def frontier(args: argparse.Namespace) -> None:
+    if not args.table_only:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for eta in (float(e) for e in args.etas.split(",")):
+                for variant in args.variants.split(","):
+                    r = frontier_one(variant, eta, seed, args.steps, args.env, args.set, args.window)
+                    print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
+                    with open(args.out, "a") as fh:
+                        fh.write(json.dumps(r) + "\n")
+    print(frontier_table([json.loads(line) for line in open(args.out)]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", default="ppo,ppo-lag,ppo-pid,ppo-opd")
@@ -127,7 +200,13 @@ def main() -> None:
     p.add_argument("--plot", default="docs/safety/cost_lambda.png")
     p.add_argument("--table-only", action="store_true", help="only redraw the plot and table from --out")
     p.add_argument("--table", action="store_true", help="only print the tables from --out (no run, no plot)")
+    p.add_argument("--frontier", action="store_true", help="stability frontier: --variants x --etas x --seeds on the ppo-lag preset")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--etas", default="0.002,0.006,0.02")
+    p.add_argument("--window", type=int, default=10, help="moving-average window (iterations) of the slow part")
     args = p.parse_args()
+    if args.frontier:
+        return frontier(args)
     if args.table:
         print(table([json.loads(line) for line in open(args.out)]))
         return

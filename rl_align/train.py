@@ -41,8 +41,6 @@ def build_agent(cfg: RunConfig) -> tuple[Agent, object]:
     oracle = Oracle(cfg.env.oracle, seed=cfg.run.seed + 7919)
     agent = get_agent_class(cfg.algo)(cfg.agent, env, seed=cfg.run.seed, device=cfg.run.device, oracle=oracle)
     agent.total_steps = cfg.run.steps
-    if agent.lagrangian is not None and agent.lagrangian.limit is None:
-        agent.lagrangian.limit = float(cfg.env.cost.limit)  # d per episode, from the env preset
     return agent, env
 
 

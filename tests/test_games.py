@@ -59,6 +59,25 @@ def test_constrained_bandit_opd_converges_where_pd_oscillates():
     assert star @ c == pytest.approx(d) and star @ r > r[c <= d].max()  # the optimum mixes arms on the budget line
 
 
+@pytest.mark.parametrize("po, do", [(False, False), (True, True), (True, False), (False, True)])
+def test_constrained_bandit_steps_equal_the_closed_form(po, do):
+    """Every iterate of the lab against the paper's updates written out: MWU on r - lam_p c with
+    lam_p = max(0, 2 lam_t - lam_{t-1}) under primal optimism, projected ascent on h_t (or 2 h_t - h_{t-1})."""
+    r, c, d = np.array(bandit.DEFAULT_REWARDS), np.array(bandit.DEFAULT_COSTS), bandit.DEFAULT_BUDGET
+    res = bandit.primal_dual(r, c, d, eta=0.1, iters=300, primal_optimism=po, dual_optimism=do)
+    pi, lam, lam_prev, h_prev = np.full(4, 0.25), 0.0, 0.0, None
+    for t in range(300):
+        h = pi @ c - d
+        lam_p = max(0.0, 2 * lam - lam_prev) if po else lam
+        w = pi * np.exp(0.1 * (r - lam_p * c))
+        pi = w / w.sum()
+        lam_prev, lam = lam, max(0.0, lam + 0.1 * (2 * h - h_prev if do and h_prev is not None else h))
+        h_prev = h
+        assert res["lam"][t + 1] == pytest.approx(lam, abs=1e-12)
+        np.testing.assert_allclose(res["iterates"][t + 1], pi, atol=1e-12)
+    assert res["lam"].max() > 0.5  # the multiplier was active
+
+
 def test_tabular_sail_nonconcave_and_revkl_pl_linear_convergence():
     A, ref = tabular_sail.bt_matrix(tabular_sail.DEFAULT_SCORES), np.array(tabular_sail.DEFAULT_REF)
     sail = tabular_sail.run(A, ref, lam=0.0, iters=600, hessian_every=5)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rl_align.agents.lagrangian import ConstraintConfig, Lagrangian
+from rl_align.agents.lagrangian import ConstraintConfig, Lagrangian, episode_horizon
 from rl_align.buffer import RolloutBuffer
 from rl_align.envs import VecEnv
 from rl_align.errors import UserError
@@ -75,7 +75,8 @@ class Agent:
         self.rng = np.random.default_rng(seed)
         self.act_rng = np.random.default_rng(seed + 1)  # action noise: its own stream
         self.optimizer = torch.optim.Adam(list(self.policy.parameters()) + list(self.value.parameters()), lr=c.lr, eps=1e-5, **adam_kwargs(self.device))
-        self.lagrangian = Lagrangian(c.constraint, self) if c.constraint.method != "none" else None
+        self.lagrangian = (Lagrangian(c.constraint, self, limit=env.config.cost.limit, horizon=episode_horizon(env.config))  # d = env.cost.limit
+                           if c.constraint.method != "none" else None)
         self.env_steps = 0
         self.total_steps = 1  # set by the trainer, for the learning-rate schedule
         self.updates = 0

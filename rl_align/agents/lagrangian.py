@@ -2,33 +2,44 @@
 
     max_pi J_r(pi)  s.t.  J_c(pi) <= d,      L = J_r - lam (J_c - d),  lam >= 0
 
-A cost critic gives cost advantages ``A_c`` (GAE on the shared buffer's costs). PPO's policy step uses
-``A_L = (A_r - lam A_c) / (1 + lam)``; SAIL adds ``lam`` times the clipped cost surrogate to its
-preference loss. The multiplier moves once per iteration on ``g_k = Jc_hat_k - d`` (mean cost of the
-episodes that finished in the rollout):
+Three parts with one job each: the multiplier (a ``rl_align.multipliers`` object: PD, PID or OPD, which
+sees only a cost number per iteration), the cost critic (GAE on the shared buffer's costs gives ``A_c``),
+and this layer, which feeds the multiplier a fresh cost estimate every iteration and gives the policy
+step its Lagrangian term:
 
-    pd   lam <- max(0, lam + eta g_k)                                  projected gradient ascent
-    pid  lam <- max(0, Kp g_k + I_k + Kd max(0, Jc_k - Jc_{k-1})),     I_k = max(0, I_{k-1} + Ki g_k)
-         (Stooke, Achiam & Abbeel 2020; the integral is clamped at 0: anti-windup)
-    opd  lam <- max(0, lam + eta (2 g_k - g_{k-1}))                    optimistic dual step
-         primal on 2 A_L^k - A_L^{k-1}, A_L^{k-1} from the previous iteration's critics and multiplier
-         evaluated on the current samples (Li, Ju & Shroff 2026). ``primal_optimism`` /
-         ``dual_optimism`` switch each half off; both off is exactly ``pd``.
+    PPO    A_L = (A_r - lam_p A_c) / (1 + lam_p)
+    SAIL   preference loss + lam_p * clipped cost surrogate on A_c
 
-Configured by the agent's ``constraint`` section (``agent.constraint.method=opd``).
+``lam_p`` is the multiplier's ``primal_value``: the current ``lam`` for PD / PID, OPD's extrapolated
+``max(0, 2 lam_k - lam_{k-1})`` with primal optimism on.
+
+Cost estimate of iteration k (never an old episode average): the rollout's per-step cost rate times the
+episode horizon H (``env.max_episode_steps``, else the task's own limit),
+
+    Jc_hat_k = H * sum_{t,i} c_{t,i} / (T N)          over the T x N steps of this rollout.
+
+With 1000-step episodes ending in lockstep, most rollouts finish no episode; this estimate still comes
+from this iteration's own T N steps. For tasks with early termination (Hopper, Walker2d, Ant) it is the
+cost of a full-horizon episode at the current rate: the constraint reads "cost per step <= d / H", which
+does not reward falling early to stop accruing cost. The episodes that did finish are logged beside it
+(``safety/ep_cost``), not used by the multiplier.
+
+One cost limit: ``env.cost.limit``, passed in by the agent at construction. Configured by the agent's
+``constraint`` section (``agent.constraint.method=opd``).
 """
 
 from __future__ import annotations
 
-import copy
+import math
 from dataclasses import dataclass
 
+import gymnasium as gym
 import numpy as np
 import torch
 
-from rl_align.buffer import gae
 from rl_align.errors import UserError
-from rl_align.nets import ValueNet, numpy_forward
+from rl_align.multipliers import OPD, PD, PID
+from rl_align.nets import ValueNet
 
 METHODS = ("none", "pd", "pid", "opd")
 
@@ -36,91 +47,88 @@ METHODS = ("none", "pd", "pid", "opd")
 @dataclass
 class ConstraintConfig:
     method: str = "none"  # none | pd | pid | opd
-    limit: float | None = None  # cost limit d per episode; None: the env's cost.limit
+    limit: float | None = None  # removed: the one cost limit is env.cost.limit (kept so that setting it says so)
     lam_init: float = 0.0
     lam_lr: float = 0.05  # eta of pd / opd
     lam_max: float = 100.0  # upper projection bound, keeps a runaway multiplier finite
     kp: float = 0.1  # PID gains (Stooke et al. 2020 use costs normalized per episode; see the presets)
     ki: float = 0.01
     kd: float = 0.01
-    primal_optimism: bool = True  # opd: primal step on 2 A_L^k - A_L^{k-1}
-    dual_optimism: bool = True  # opd: dual step on 2 g_k - g_{k-1}
+    primal_optimism: bool = True  # opd: the policy steps on max(0, 2 lam_k - lam_{k-1})
+    dual_optimism: bool = True  # opd: the multiplier steps on 2 g_k - g_{k-1}
 
     def __post_init__(self) -> None:
+        if self.limit is not None:
+            raise UserError(f"agent.constraint.limit is gone: the cost limit is env.cost.limit (one field for training, evaluation "
+                            f"and reports); use --set env.cost.limit={self.limit:g}")
         if self.method not in METHODS:
             raise UserError(f"agent.constraint.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for k in ("lam_init", "lam_lr", "kp", "ki", "kd"):
-            if getattr(self, k) < 0:
+            if not getattr(self, k) >= 0:
                 raise UserError(f"agent.constraint.{k} must be >= 0, got {getattr(self, k)}")
-        if self.limit is not None and self.limit < 0:
-            raise UserError(f"agent.constraint.limit must be >= 0 (a cost budget per episode), got {self.limit}")
-        if self.lam_max <= 0:
-            raise UserError(f"agent.constraint.lam_max must be > 0, got {self.lam_max}")
+        if not 0 < self.lam_max < math.inf:
+            raise UserError(f"agent.constraint.lam_max must be > 0 and finite, got {self.lam_max}")
+
+    def multiplier(self, limit: float) -> PD:
+        """The multiplier object of this rule for the cost limit ``limit``."""
+        if self.method == "pid":
+            return PID(limit, self.kp, self.ki, self.kd, self.lam_init, self.lam_max)
+        if self.method == "opd":
+            return OPD(limit, self.lam_lr, self.lam_init, self.lam_max, self.primal_optimism, self.dual_optimism)
+        return PD(limit, self.lam_lr, self.lam_init, self.lam_max)
+
+
+def episode_horizon(env_config) -> int:
+    """H: ``env.max_episode_steps``, else the Gymnasium task's own limit (1000 for the MuJoCo tasks)."""
+    if env_config.max_episode_steps is not None:
+        return int(env_config.max_episode_steps)
+    steps = gym.spec(env_config.task).max_episode_steps
+    if steps is None:
+        raise UserError(f"{env_config.task} has no episode limit; set env.max_episode_steps so the cost limit has a horizon")
+    return int(steps)
 
 
 class Lagrangian:
-    """Multiplier, cost critic and (for OPD) the previous iteration's snapshot, attached to an agent."""
+    """Multiplier + cost critic attached to an agent; ``limit`` is ``env.cost.limit``, ``horizon`` the
+    episode length H the per-step cost rate is scaled by."""
 
-    def __init__(self, config: ConstraintConfig, agent) -> None:
-        self.config = config
+    def __init__(self, config: ConstraintConfig, agent, limit: float, horizon: int) -> None:
+        self.config, self.limit, self.horizon = config, float(limit), int(horizon)
+        self.multiplier = config.multiplier(self.limit)
         c = agent.config
         agent.cost_value = ValueNet(agent.buffer.obs.shape[-1], c.hidden, c.activation, c.ortho_init).to(agent.device)
         agent.optimizer.add_param_group({"params": list(agent.cost_value.parameters())})
-        self.limit = config.limit  # set from the env by the trainer when None
-        self.lam = float(config.lam_init)
-        self.g_prev: float | None = None  # g_{k-1}
-        self.integral = 0.0  # PID I term
-        self.jc_prev: float | None = None  # PID D term
+        self.primal_lam = self.multiplier.primal_value  # the multiplier of the latest policy step
         self.cum_violation = 0.0
         self.iterations = 0
-        self.snapshot: dict | None = None  # critics + multiplier that produced the previous rollout's A_L
         self.advantages: torch.Tensor | None = None
 
-    # ---- dual -------------------------------------------------------------------------------------
-    def dual_step(self, jc: float) -> float:
-        """Move ``lam`` on the episode cost ``jc`` of this iteration; returns the new ``lam``."""
-        c, g = self.config, jc - self.limit
-        if c.method == "pid":
-            self.integral = max(0.0, self.integral + c.ki * g)  # anti-windup: I never goes below 0
-            deriv = max(0.0, jc - self.jc_prev) if self.jc_prev is not None else 0.0
-            lam = c.kp * g + self.integral + c.kd * deriv
-            self.jc_prev = jc
-        elif c.method == "opd" and c.dual_optimism and self.g_prev is not None:
-            lam = self.lam + c.lam_lr * (2 * g - self.g_prev)  # optimistic: predicted gradient 2 g_k - g_{k-1}
-        else:
-            lam = self.lam + c.lam_lr * g  # projected gradient ascent on Jc - d
-        self.g_prev = g
-        self.lam = float(min(max(lam, 0.0), c.lam_max))
-        return self.lam
+    @property
+    def lam(self) -> float:
+        return self.multiplier.value
+
+    def cost_estimate(self, costs: np.ndarray) -> float:
+        """``Jc_hat = H * mean per-step cost`` of this rollout's ``costs [T, N]`` (see the module docstring)."""
+        return self.horizon * float(np.mean(costs))
 
     # ---- hooks the agents call ----------------------------------------------------------------------
     def before_update(self, agent) -> dict[str, float]:
-        """Dual step on this rollout's episode cost, then the Lagrangian advantages for the primal step."""
-        episodes = agent.last_episodes or list(getattr(agent, "episode_history", []))[-10:]
-        m: dict[str, float] = {}
-        lam_prev = self.lam
-        if episodes:
-            costs = np.asarray([e[1] for e in episodes])
-            jc = float(costs.mean())
-            self.dual_step(jc)
-            viol = max(0.0, jc - self.limit)
-            self.cum_violation += viol
-            m.update({"safety/ep_cost": jc, "safety/violation": viol, "safety/over_budget_share": float((costs > self.limit).mean())})
-        self.iterations += 1
+        """Dual step on this rollout's cost estimate, then the Lagrangian advantages for the primal step."""
         buf = agent.buffer
-        a_l = self._lagrangian_advantage(buf.advantages, buf.cost_advantages, self.lam)
-        c = self.config
-        current = self._critic_snapshot(agent, self.lam)
-        if c.method == "opd" and c.primal_optimism and self.snapshot is not None:
-            prev = self.snapshot
-            adv_prev = self._advantages_with(prev, agent)
-            a_l = 2 * a_l - adv_prev  # optimistic primal: 2 A_L^k - A_L^{k-1}
-            m["safety/optimism_shift"] = float(np.abs(a_l - adv_prev).mean())
-        if c.method == "opd":
-            self.snapshot = current
+        jc = self.cost_estimate(buf.costs)
+        self.multiplier.update(jc)
+        self.primal_lam = lam_p = self.multiplier.primal_value
+        viol = max(0.0, jc - self.limit)
+        self.cum_violation += viol
+        self.iterations += 1
+        m = {"safety/cost_estimate": jc, "safety/estimate_steps": float(buf.costs.size), "safety/violation": viol,
+             "safety/lambda": self.lam, "safety/lambda_prev": self.multiplier.lam_prev, "safety/primal_lambda": lam_p,
+             "safety/primal_shift": lam_p - self.lam, "safety/cum_violation": self.cum_violation, "safety/limit": self.limit}
+        if agent.last_episodes:  # finished episodes, logged beside the estimate (not used by the multiplier)
+            ep_costs = np.asarray([e[1] for e in agent.last_episodes])
+            m.update({"safety/ep_cost": float(ep_costs.mean()), "safety/over_budget_share": float((ep_costs > self.limit).mean())})
+        a_l = (buf.advantages - lam_p * buf.cost_advantages) / (1.0 + lam_p)  # A_L = (A_r - lam A_c) / (1 + lam)
         self.advantages = torch.as_tensor(a_l.reshape(-1), dtype=torch.float32, device=agent.device)
-        m.update({"safety/lambda": self.lam, "safety/lambda_prev": lam_prev, "safety/cum_violation": self.cum_violation,
-                  "safety/limit": float(self.limit)})
         return m
 
     def policy_advantages(self, agent, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -131,7 +139,7 @@ class Lagrangian:
         return 0.5 * ((agent.cost_value(batch["obs"][idx]) - batch["cost_returns"][idx]) ** 2).mean()
 
     def sail_cost_loss(self, agent, batch: dict[str, torch.Tensor], n_minibatches: int) -> torch.Tensor:
-        """For preference agents: ``lam`` times the clipped cost surrogate on a random minibatch of steps,
+        """For preference agents: ``lam_p`` times the clipped cost surrogate on a random minibatch of steps,
         plus the cost critic's loss (minimized beside the preference loss)."""
         from rl_align.agents.ppo import clipped_surrogate
 
@@ -141,43 +149,19 @@ class Lagrangian:
         a_c = (a_c - a_c.mean()) / (a_c.std() + 1e-8) if len(idx) > 1 else a_c
         logp = agent.policy.log_prob(batch["obs"][idx], batch["actions"][idx])
         cost_surr, _, _ = clipped_surrogate(logp, batch["logp"][idx], -a_c, agent.config.clip)  # minimizing lowers cost
-        return self.lam * cost_surr + 0.5 * self.cost_value_loss(agent, batch, idx)
+        return self.primal_lam * cost_surr + 0.5 * self.cost_value_loss(agent, batch, idx)
 
     def after_update(self, agent) -> dict[str, float]:
         return {}
 
-    # ---- pieces --------------------------------------------------------------------------------------
-    @staticmethod
-    def _lagrangian_advantage(a_r: np.ndarray, a_c: np.ndarray, lam: float) -> np.ndarray:
-        return (a_r - lam * a_c) / (1.0 + lam)  # A_L = (A_r - lam A_c) / (1 + lam)
-
-    @staticmethod
-    def _critic_snapshot(agent, lam: float) -> dict:
-        """Copies of the critics that produced this rollout's values, and the multiplier."""
-        return {"value": copy.deepcopy(agent.value.state_dict()), "cost": copy.deepcopy(agent.cost_value.state_dict()), "lam": lam}
-
-    def _advantages_with(self, snap: dict, agent) -> np.ndarray:
-        """``A_L^{k-1}``: GAE of the current samples under the snapshot critics and multiplier. (At a
-        truncation the bootstrap value is the current critic's: the final observation is not stored.)"""
-        buf, c = agent.buffer, agent.config
-        T, N = buf.T, buf.N
-        obs = buf.obs.reshape(T * N, -1)
-        critic = copy.deepcopy(agent.value)
-        critic.load_state_dict(snap["value"])
-        value = numpy_forward(critic.net)
-        critic.load_state_dict(snap["cost"])
-        cost = numpy_forward(critic.net)
-        v, vc = value(obs)[:, 0].reshape(T, N), cost(obs)[:, 0].reshape(T, N)
-        lv, lvc = value(buf.last_obs)[:, 0], cost(buf.last_obs)[:, 0]
-        args = (buf.terminated, buf.truncated, c.gamma, c.gae_lambda)
-        a_r, _ = gae(agent.gae_rewards, v, lv, buf.final_values, *args)
-        a_c, _ = gae(buf.costs, vc, lvc, buf.final_cost_values, *args)
-        return self._lagrangian_advantage(a_r, a_c, snap["lam"])
-
     def state_dict(self) -> dict:
-        return {"lam": self.lam, "g_prev": self.g_prev, "integral": self.integral, "jc_prev": self.jc_prev,
-                "cum_violation": self.cum_violation, "iterations": self.iterations, "snapshot": self.snapshot}
+        return {"multiplier": self.multiplier.state_dict(), "primal_lam": self.primal_lam,
+                "cum_violation": self.cum_violation, "iterations": self.iterations}
 
     def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
+        if "multiplier" not in state:  # a checkpoint written before the multiplier objects: only lam carries over
+            state = {"multiplier": {**self.multiplier.state_dict(), "lam": state["lam"], "lam_prev": state["lam"]},
+                     "primal_lam": state["lam"], "cum_violation": state["cum_violation"], "iterations": state["iterations"]}
+        self.multiplier.load_state_dict(state["multiplier"])
+        self.primal_lam = float(state["primal_lam"])
+        self.cum_violation, self.iterations = float(state["cum_violation"]), int(state["iterations"])

@@ -5,7 +5,11 @@ cost vector ``c``, a distributional policy ``pi`` and a budget ``d``:
 
 Standard primal-dual: MWU on the primal gradient ``g_t = r - lam_t c`` and projected gradient ascent on
 the dual gradient ``h_t = pi_t . c - d``. OPD: both players step on the prediction ``2 g_t - g_{t-1}``
-(resp. ``2 h_t - h_{t-1}``); either half can be switched off. The lab solves the LP for the optimum.
+(resp. ``2 h_t - h_{t-1}``); either half can be switched off. Since ``r`` is fixed,
+``2 g_t - g_{t-1} = r - (2 lam_t - lam_{t-1}) c``: the primal prediction is the extrapolated multiplier,
+projected at 0 as in the MuJoCo agents. The multiplier is the same ``rl_align.multipliers`` object the
+MuJoCo Lagrangian layer uses (``PD`` / ``OPD``), fed the exact cost ``pi_t . c``. The lab solves the LP
+for the optimum.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from scipy.optimize import linprog
 
 from rl_align.errors import UserError
 from rl_align.games.matrix import _mwu
+from rl_align.multipliers import OPD, PD
 
 # An instance where standard PD keeps cycling: two arms matter, the optimum mixes them on the budget line.
 DEFAULT_REWARDS = [1.0, 0.6, 0.2, 0.9]
@@ -45,16 +50,15 @@ def primal_dual(r, c, d, eta: float = 0.1, eta_dual: float | None = None, iters:
     star = lp_optimum(r, c, d)  # validates the budget before any iteration
     eta_dual = eta if eta_dual is None else eta_dual
     pi = np.full(len(r), 1 / len(r)) if start is None else np.asarray(start, float)
-    lam, g_prev, h_prev = lam0, None, None
-    pis, lams = [pi], [lam]
+    mult = (OPD(d, eta_dual, lam_init=lam0, primal_optimism=primal_optimism, dual_optimism=dual_optimism)
+            if primal_optimism or dual_optimism else PD(d, eta_dual, lam_init=lam0))
+    pis, lams = [pi], [mult.value]
     for _ in range(iters):
-        g, h = r - lam * c, pi @ c - d  # primal and dual gradients of L at (pi_t, lam_t)
-        g_step = 2 * g - g_prev if primal_optimism and g_prev is not None else g
-        h_step = 2 * h - h_prev if dual_optimism and h_prev is not None else h
-        pi, lam = _mwu(pi, g_step, eta), max(0.0, lam + eta_dual * h_step)
-        g_prev, h_prev = g, h
+        lam_p = mult.primal_value  # lam_t, or max(0, 2 lam_t - lam_{t-1}) with primal optimism
+        mult.update(pi @ c)  # dual step on h_t = pi_t . c - d (or 2 h_t - h_{t-1})
+        pi = _mwu(pi, r - lam_p * c, eta)  # primal MWU step on g_t = r - lam c
         pis.append(pi)
-        lams.append(lam)
+        lams.append(mult.value)
     pis = np.asarray(pis)
     return {"iterates": pis, "lam": np.asarray(lams), "optimum": star, "distance": np.abs(pis - star).sum(1),
             "violation": np.maximum(pis @ c - d, 0.0)}
