@@ -75,7 +75,7 @@ def test_scheduled_reset_in_the_update_and_plateau_criterion():
 
 
 def test_without_reset_comal_equals_its_inner_solver(tmp_path):
-    common = SMALL + [f"run.out_dir={tmp_path}", "agent.revkl_coef=0.05"]
+    common = SMALL + [f"run.out_dir={tmp_path}", "agent.revkl_coef=0.05", "agent.lr=0.001", "agent.shift_coef=0.1", "agent.revkl_std=false"]
     f_sail, _ = train(resolve_config("halfcheetah-cyclic", "sail-revkl", common, steps=600, seed=3), quiet=True)
     f_comal, _ = train(resolve_config("halfcheetah-cyclic", "comal", common + ["agent.inner=sail-revkl", "agent.inner_updates=0",
                                                                               "agent.plateau_window=0"], steps=600, seed=3), quiet=True)
