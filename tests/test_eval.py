@@ -124,3 +124,19 @@ def test_no_working_gl_backend_is_one_line_naming_what_to_install(monkeypatch):
                                                 r"libegl1.*apt-get install libosmesa6") as info:
         backend.choose_gl()
     assert "\n" not in str(info.value) and "MUJOCO_GL" not in os.environ
+
+
+def test_evaluation_episodes_start_from_distinct_states():
+    """Each evaluation episode has its own reset seed: two deterministic episodes of the same policy start
+    from different states (HalfCheetah's reset noise is small but not zero) and so return different sums."""
+    from rl_align.envs import make_vec_env
+
+    cfg = resolve_config("halfcheetah", "ppo", ["run.progress=false", "env.max_episode_steps=50"])
+    first = make_vec_env(cfg.env, 2, seed=100_000).reset()
+    assert not np.allclose(first[0], first[1])
+    from rl_align.train import build_agent
+
+    agent, env = build_agent(cfg)
+    env.close()
+    res = evaluate(agent, cfg.env, 2, seed=100_000, deterministic=True)
+    assert len(res["return"]) == 2 and res["return"][0] != res["return"][1]
