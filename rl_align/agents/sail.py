@@ -67,8 +67,8 @@ class SAILConfig(AgentConfig):
     ref_steps: int = 50_000  # env steps of the auto reference's PPO run
     kl_limit: float = 200.0  # stop the run when the per-state KL(pi || pi_ref) exceeds this
     max_grad_norm: float = 0.5
-    diag_every: int = 1  # preference and per-term gradient diagnostics every this many updates (0: off)
-    curvature_every: int = 10  # PL gap (f_star by maximization) and Hessian eigenvalues every this many updates (0: off)
+    diag_every: int = 5  # per-term gradient diagnostics every this many updates (0: off); pref/ accuracies every update
+    curvature_every: int = 25  # PL gap (f_star by maximization) and Hessian eigenvalues every this many updates (0: off)
     diag_pairs: int = 64  # pairs in the fixed batch the diagnostics use
     f_star: float | None = None
     win_rate_episodes: int = 4  # matched rollouts per evaluation for the win rate against pi_ref
