@@ -129,7 +129,7 @@ def eval_metrics(agent: Agent, cfg: RunConfig) -> dict[str, float]:
 
 def check_finite(agent: Agent, metrics: dict[str, float], step: int) -> None:
     for k, v in metrics.items():
-        if isinstance(v, float) and not math.isfinite(v) and not k.startswith(("train/explained_variance", "pl/")):
+        if isinstance(v, float) and not math.isfinite(v) and not k.startswith(("train/explained_variance", "pl/", "pref/", "grad/")):
             raise TrainingDiverged(f"{k} became {v} at env step {step}; lower agent.lr or check the config (last good checkpoint kept)")
     for name, module in agent.modules().items():
         for pname, p in getattr(module, "named_parameters", lambda: [])():
