@@ -179,7 +179,7 @@ def test_a_user_score_by_dotted_path_drives_the_policy_as_the_built_in_one(tmp_p
 def test_run_writes_pl_scalars_to_tensorboard_and_csv(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = resolve_config("halfcheetah-pref", "sail-revkl", SMALL + [f"run.out_dir={tmp_path}", "agent.curvature_every=1", "run.eval_episodes=1"], steps=600)
+    cfg = resolve_config("halfcheetah-pref", "sail-revkl", SMALL + [f"run.out_dir={tmp_path}", "agent.curvature_every=1", "agent.diag_every=1", "run.eval_episodes=1"], steps=600)
     folder, summary = train(cfg, quiet=True)
     header = next(csv.reader(open(folder / "progress.csv")))
     for key in ("pl/f", "pl/grad_norm_sq", "pl/gap", "pl/f_star", "pl/lambda_max", "pl/lambda_min", "train/kl_ref", "train/queries_used",
