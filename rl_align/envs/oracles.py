@@ -3,6 +3,9 @@
 A label is ``1.0`` (first segment preferred), ``0.0`` (second), ``0.5`` (tie) or ``nan`` (skipped,
 or not asked because the query budget is spent). Segments arrive as objects with fields
 ``rewards [M, H]``, ``features [M, H, 3]`` (x-velocity, torso height, ``||a||^2``), ``obs``, ``actions``.
+
+The ``human`` kind labels nothing itself: a person (or the synthetic labeller) answers pairs queued in a
+label store (rl_align/labels), and the agents read what has arrived through ``Oracle.feed``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 
 from rl_align.envs.costs import load_dotted
 from rl_align.errors import UserError
+from rl_align.labels.store import LabelFeed, LabelStore
 
 SCORES = ("reward", "forward", "backward")
 
@@ -22,7 +26,7 @@ SCORES = ("reward", "forward", "backward")
 class OracleConfig:
     """Which teacher labels segment pairs. See DESIGN.md, "Preference oracle"."""
 
-    kind: str = "bradley-terry"  # bradley-terry | general
+    kind: str = "bradley-terry"  # bradley-terry | general | human
     score: str = "reward"  # reward | forward | backward | package.module:function (segments -> [M])
     temperature: float = 1.0  # BT: P = sigmoid((R1 - R2) / T); 0 gives the deterministic teacher
     discount: float = 1.0  # myopic teacher: R = sum_k g^(H-1-k) r_k
@@ -37,10 +41,18 @@ class OracleConfig:
     feature_offset: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # z = (f - offset) / scale: S is not shift-invariant
     sharpness: float = 1.0  # k
     features: str = "mean"  # mean | package.module:function (segments -> [M, F])
+    # human: labels a person gave in a label store (rl-align label); the agents learn from the labelled pairs
+    store: str | None = None  # the store's file (rl-align label collect makes one)
+    post_pairs: int = 0  # online: pairs of each rollout the trainer queues for labelling (0: offline, labels already there)
+    pairs_per_update: int = 512  # SAIL family: labelled pairs its DPO part draws per update (the newest first)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("bradley-terry", "general"):
-            raise UserError(f"unknown oracle kind {self.kind!r}; use bradley-terry or general")
+        if self.kind not in ("bradley-terry", "general", "human"):
+            raise UserError(f"unknown oracle kind {self.kind!r}; use bradley-terry, general or human")
+        if self.kind == "human" and not self.store:
+            raise UserError("env.oracle.kind=human needs env.oracle.store=<label store file> (rl-align label collect makes one)")
+        if self.post_pairs < 0 or self.pairs_per_update < 1:
+            raise UserError("env.oracle.post_pairs must be >= 0 and env.oracle.pairs_per_update >= 1")
         if self.temperature < 0:
             raise UserError(f"env.oracle.temperature must be >= 0 (0 is the deterministic teacher), got {self.temperature}")
         if not 0 < self.discount <= 1:
@@ -77,6 +89,7 @@ class Oracle:
         self.queries = 0
         self._user_score = None if config.score in SCORES else load_dotted(config.score, "oracle score")
         self._user_features = None if config.features == "mean" else load_dotted(config.features, "oracle features")
+        self.feed = LabelFeed(LabelStore(config.store)) if config.kind == "human" else None  # what a person has labelled
 
     # ---- scores -------------------------------------------------------------------------------
     def returns(self, seg: Any) -> np.ndarray:
@@ -105,6 +118,8 @@ class Oracle:
     def preference_prob(self, seg1: Any, seg2: Any) -> np.ndarray:
         """``P(s1 > s2)``, ``[M]``, before noise. Deterministic teachers give 0, 1/2 or 1."""
         c = self.config
+        if c.kind == "human":  # no model of the person: win rates under this oracle are unknown
+            return np.full(len(seg1.rewards), np.nan)
         if c.kind == "general":
             z1, z2 = self.features(seg1), self.features(seg2)
             w, S = np.asarray(c.weights), np.asarray(c.skew)
@@ -122,6 +137,8 @@ class Oracle:
         """Labels for M pairs, ``[M]``; pairs past the budget are not asked and come back ``nan``."""
         c = self.config
         M = len(seg1.rewards)
+        if c.kind == "human":  # a person answers through the store, later (rl_align.labels.learn)
+            return np.full(M, np.nan)
         asked = M if self.remaining() is None else min(M, self.remaining())
         self.queries += asked
         labels = np.full(M, np.nan)
@@ -155,8 +172,13 @@ class Oracle:
         return float(((agree + 1) / 2).mean())
 
     def state_dict(self) -> dict:
-        return {"queries": self.queries, "rng": self.rng.bit_generator.state}
+        state = {"queries": self.queries, "rng": self.rng.bit_generator.state}
+        if self.feed is not None:
+            state["feed"] = self.feed.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.queries = int(state["queries"])
         self.rng.bit_generator.state = state["rng"]
+        if self.feed is not None and "feed" in state:
+            self.feed.load_state_dict(state["feed"])

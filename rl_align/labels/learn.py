@@ -1,0 +1,120 @@
+"""How the agents learn from a label store (``env.oracle.kind: human``).
+
+A person labels late and slowly, so nothing here waits: each update reads the labels that have arrived
+(``Oracle.feed``) and, online (``env.oracle.post_pairs > 0``, as Christiano et al. 2017), first queues
+pairs of the current rollout for labelling, spending the oracle's query budget.
+
+- The SAIL family's DPO part, ``E[log sigmoid(h_w - h_l)]`` with
+  ``h(s) = beta * sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)]`` (DESIGN.md, "SAIL"), runs on stored
+  labelled pairs (the newest first, then a uniform sample of the older ones), with the reverse KL on their
+  states. The shift part is on-policy by definition and a person's labels are of earlier policies, so it is
+  off: with a label store the agent is offline / asynchronous DPO(-RevKL).
+- RLHF's Bradley-Terry reward model adds the arrived pairs to its dataset, as it does with fresh labels.
+
+``pi_ref``'s log-probs are recomputed by the learning agent under its own reference (the ones stored with
+a pair are those of the policy that collected it), and states are normalized by the agent's normalizer.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from rl_align.errors import UserError
+from rl_align.labels.store import SEGMENT_FIELDS
+
+
+def segment_arrays(agent, seg) -> dict[str, np.ndarray]:
+    """A rollout's segments as the store keeps them: raw observations (the padding after a fall repeats
+    the last state), actions, mask, behaviour log-probs, ``pi_ref``'s log-probs, rewards and features."""
+    buf, H = agent.buffer, seg.obs.shape[1]
+    t_idx = seg.start[:, None] + np.minimum(np.arange(H)[None], seg.mask.sum(-1, keepdims=True) - 1)
+    ref = getattr(agent, "ref_policy", agent.policy)
+    with torch.no_grad():
+        obs, act = torch.as_tensor(seg.obs, device=agent.device), torch.as_tensor(seg.actions, device=agent.device)
+        ref_logp = (ref.log_prob(obs, act).cpu().numpy() * seg.mask).astype(np.float32)
+    return {"obs": buf.raw_obs[t_idx, seg.env[:, None]], "actions": seg.actions, "mask": seg.mask, "logp": seg.logp,
+            "ref_logp": ref_logp, "rewards": seg.rewards.astype(np.float32), "features": seg.features}
+
+
+def post_rollout_pairs(agent, segment_len: int) -> int:
+    """Online mode: queue up to ``post_pairs`` pairs of this rollout's segments (within the budget); returns how many."""
+    oracle = agent.oracle
+    want = oracle.config.post_pairs
+    if oracle.remaining() is not None:
+        want = min(want, oracle.remaining())
+    seg = agent.buffer.segments(segment_len)
+    if want == 0 or len(seg) < 2:
+        return 0
+    i, j = agent.buffer.pairs(len(seg), want, agent.rng)
+    ids = oracle.feed.store.add_pairs(segment_arrays(agent, seg), i, j, source=f"trainer@{agent.env_steps}")
+    oracle.queries += len(ids)
+    return len(ids)
+
+
+def check_segment_len(agent) -> None:
+    """The store's segments and the agent's must have one length (the reward model and ``h`` sum over it)."""
+    H = agent.oracle.feed.store.segment_len
+    if H != agent.config.segment_len:
+        raise UserError(f"the label store {agent.oracle.feed.store.path} holds {H}-step segments; set agent.segment_len={H}")
+
+
+def sail_batch(agent) -> dict | None:
+    """The SAIL family's batch from the store, in the shape of ``SAIL._batch``'s (``offline`` marks it: no
+    shift part): up to ``pairs_per_update`` decided (left / right) pairs, those labelled since the last
+    update first. ``old_logp`` is the current policy's, so the approximate KL measures this update's move."""
+    c, oracle = agent.config, agent.oracle
+    check_segment_len(agent)
+    posted = post_rollout_pairs(agent, c.segment_len)
+    n_new = oracle.feed.poll()
+    d = oracle.feed.data
+    labels = d["label"]
+    decided = np.flatnonzero((labels == 0.0) | (labels == 1.0))
+    if len(decided) == 0:
+        return None
+    n = oracle.config.pairs_per_update
+    new = decided[decided >= len(labels) - n_new][::-1][:n]
+    old = decided[decided < len(labels) - n_new]
+    pick = np.concatenate([new, agent.rng.choice(old, size=min(len(old), n - len(new)), replace=False)]).astype(np.int64)
+    P = len(pick)
+    t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32, device=agent.device)  # noqa: E731
+    first, second = d["first"], d["second"]
+    raw = np.concatenate([first["obs"][pick], second["obs"][pick]])  # segments [2P, H, obs_dim]: firsts, then seconds
+    obs, act = t(agent.normalize(raw)), t(np.concatenate([first["actions"][pick], second["actions"][pick]]))
+    mask = t(np.concatenate([first["mask"][pick], second["mask"][pick]]))
+    with torch.no_grad():
+        ref_logp = agent.ref_policy.log_prob(obs, act) * mask
+        old_logp = agent.policy.log_prob(obs, act) * mask
+    lab = labels[pick]
+    sel = lambda side: SimpleNamespace(**{f: side[f][pick] for f in SEGMENT_FIELDS})  # noqa: E731
+    return {"obs": obs, "actions": act, "mask": mask, "old_logp": old_logp, "ref_logp": ref_logp,
+            "i": torch.arange(P, device=agent.device), "j": torch.arange(P, 2 * P, device=agent.device), "pref1": t(lab),
+            "n_labels": int(n_new), "n_ties": int((labels[len(labels) - n_new:] == 0.5).sum()), "posted": posted,
+            "oracle_agreement": oracle.agreement(sel(first), sel(second), lab), "offline": True}
+
+
+def rlhf_preferences(agent) -> dict[str, float]:
+    """RLHF's step with a store: queue this rollout's pairs (online), then add the labels that arrived to the
+    reward model's dataset (ties as targets of 1/2, skips dropped), ranked by the model before they join."""
+    c, oracle = agent.config, agent.oracle
+    check_segment_len(agent)
+    posted = post_rollout_pairs(agent, c.segment_len)
+    n_new = oracle.feed.poll()
+    d = oracle.feed.data
+    rows = np.arange(len(d["label"]) - n_new, len(d["label"]))
+    rows = rows[np.isfinite(d["label"][rows])]
+    m = {"rlhf/new_pairs": float(len(rows)), "human/posted": float(posted)}
+    if len(rows) == 0:
+        return m
+    first, second = d["first"], d["second"]
+    new = {"obs1": first["obs"][rows], "act1": first["actions"][rows], "mask1": first["mask"][rows].astype(np.float32),
+           "obs2": second["obs"][rows], "act2": second["actions"][rows], "mask2": second["mask"][rows].astype(np.float32),
+           "label": d["label"][rows].astype(np.float32)}
+    sel = lambda side: SimpleNamespace(**{f: side[f][rows] for f in SEGMENT_FIELDS})  # noqa: E731
+    m["pref/oracle_agreement"] = oracle.agreement(sel(first), sel(second), d["label"][rows])
+    m["pref/heldout_accuracy"] = agent.reward_model.accuracy(*agent._tensors(new, np.ones(len(rows), bool)))
+    for k, v in new.items():
+        agent.data[k] = np.concatenate([agent.data[k], v])
+    return m

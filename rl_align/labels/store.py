@@ -1,0 +1,254 @@
+"""The label store: one SQLite file per labelling project (standard library only).
+
+Tables: ``meta`` (format marker, task, what to prefer, segment length, clip frame rate), ``segments``
+(each segment's raw observations, actions, mask, behaviour and reference log-probs, and for the synthetic
+labeller and diagnostics only its rewards and features, as one ``.npz`` blob; the path of its clip) and
+``pairs`` (two segments, when and from where they were queued, the label ``left`` / ``right`` / ``equal`` /
+``skip``, who labelled and when, and ``label_seq``, the order labels arrived in).
+
+Every write is one transaction; the file is in WAL mode with ``synchronous=FULL``, so a killed writer
+loses no committed label and leaves no half-written one, and the trainer and the page can use the file
+at the same time (each call opens its own short-lived connection, so threads and processes share it).
+"""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from rl_align.errors import UserError
+
+FORMAT = "rl-align-labels"
+VERSION = "1"
+CHOICES = ("left", "right", "equal", "skip")
+LABEL_VALUE = {"left": 1.0, "right": 0.0, "equal": 0.5, "skip": float("nan")}  # P(first segment preferred), as the oracles'
+SEGMENT_FIELDS = ("obs", "actions", "mask", "logp", "ref_logp", "rewards", "features")
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE segments (id INTEGER PRIMARY KEY, data BLOB NOT NULL, clip TEXT);
+CREATE TABLE pairs (
+    id INTEGER PRIMARY KEY,
+    seg1 INTEGER NOT NULL REFERENCES segments(id),
+    seg2 INTEGER NOT NULL REFERENCES segments(id),
+    created REAL NOT NULL,
+    source TEXT NOT NULL,
+    label TEXT CHECK (label IN ('left', 'right', 'equal', 'skip')),
+    labeller TEXT,
+    labelled_at REAL,
+    label_seq INTEGER UNIQUE,
+    CHECK ((label IS NULL) = (labeller IS NULL) AND (label IS NULL) = (labelled_at IS NULL) AND (label IS NULL) = (label_seq IS NULL))
+);
+CREATE INDEX pairs_unlabelled ON pairs(id) WHERE label IS NULL;
+"""
+
+
+def _pack(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _unpack(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class LabelStore:
+    """A labelling project on disk. ``LabelStore.create`` makes one; ``LabelStore(path)`` opens one and
+    refuses (one line, :class:`UserError`) a missing, malformed or foreign file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"no label store at {self.path}; make one with rl-align label collect --run <run folder> --store {self.path}")
+        with open(self.path, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                raise UserError(f"{self.path} is not an SQLite file; give a label store written by rl-align label collect")
+        try:
+            with self._connect() as db:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not {"meta", "segments", "pairs"} <= tables:
+                    raise UserError(f"{self.path} is an SQLite file but not an rl-align label store (tables: {', '.join(sorted(tables)) or 'none'})")
+                self.meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{self.path} is a malformed SQLite file ({exc}); give a label store written by rl-align label collect") from None
+        if self.meta.get("format") != FORMAT:
+            raise UserError(f"{self.path} is an SQLite file but not an rl-align label store (no format marker {FORMAT!r})")
+        if self.meta.get("version") != VERSION:
+            raise UserError(f"{self.path} is a label store of version {self.meta.get('version')}; this rl-align reads version {VERSION}")
+
+    @classmethod
+    def create(cls, path: str | Path, task: str, prompt: str, segment_len: int, fps: float) -> "LabelStore":
+        """A new, empty store (refuses to overwrite a file)."""
+        path = Path(path)
+        if path.exists():
+            raise UserError(f"{path} exists; give a new file name, or add pairs to it with rl-align label collect --store {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.unlink(missing_ok=True)
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode = DELETE")
+            db.executescript(_SCHEMA)
+            meta = {"format": FORMAT, "version": VERSION, "task": task, "prompt": prompt, "segment_len": str(segment_len),
+                    "fps": repr(float(fps)), "created": repr(time.time())}
+            db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+        finally:
+            db.close()
+        tmp.replace(path)  # a store appears whole or not at all
+        with sqlite3.connect(path) as db:
+            db.execute("PRAGMA journal_mode = WAL")  # persistent: readers and one writer at once
+        db.close()
+        return cls(path)
+
+    @contextmanager
+    def _connect(self):
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("PRAGMA foreign_keys = ON")
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _transaction(self):
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @property
+    def clip_dir(self) -> Path:
+        return self.path.with_name(self.path.name + ".clips")
+
+    @property
+    def segment_len(self) -> int:
+        return int(self.meta["segment_len"])
+
+    # ---- writing ------------------------------------------------------------------------------------
+    def add_pairs(self, segments: dict[str, np.ndarray], i: np.ndarray, j: np.ndarray, source: str) -> list[int]:
+        """Queue pairs ``(i[k], j[k])`` of ``M`` segments (``segments[f]`` shaped ``[M, H, ...]`` for every
+        field of ``SEGMENT_FIELDS``) in one transaction; returns the pair ids. Only the segments that some
+        pair uses are stored."""
+        missing = [f for f in SEGMENT_FIELDS if f not in segments]
+        if missing:
+            raise ValueError(f"segments lack {missing}")
+        used = sorted(set(np.asarray(i).tolist()) | set(np.asarray(j).tolist()))
+        now = time.time()
+        with self._transaction() as db:
+            seg_id = {}
+            for m in used:
+                cur = db.execute("INSERT INTO segments (data) VALUES (?)", (_pack({f: np.asarray(segments[f][m]) for f in SEGMENT_FIELDS}),))
+                seg_id[m] = cur.lastrowid
+            ids = []
+            for a, b in zip(np.asarray(i).tolist(), np.asarray(j).tolist()):
+                ids.append(db.execute("INSERT INTO pairs (seg1, seg2, created, source) VALUES (?, ?, ?, ?)",
+                                      (seg_id[a], seg_id[b], now, source)).lastrowid)
+        return ids
+
+    def set_label(self, pair_id: int, choice: str, labeller: str) -> None:
+        """Record ``choice`` (left = the first clip preferred) for a pair; a later label replaces an earlier one."""
+        if choice not in CHOICES:
+            raise UserError(f"label {choice!r} is not one of {', '.join(CHOICES)}")
+        with self._transaction() as db:
+            seq = db.execute("SELECT COALESCE(MAX(label_seq), 0) + 1 FROM pairs").fetchone()[0]
+            cur = db.execute("UPDATE pairs SET label = ?, labeller = ?, labelled_at = ?, label_seq = ? WHERE id = ?",
+                             (choice, labeller, time.time(), seq, int(pair_id)))
+            if cur.rowcount != 1:
+                raise UserError(f"no pair {pair_id} in {self.path}")
+
+    def set_clip(self, segment_id: int, clip: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE segments SET clip = ? WHERE id = ?", (clip, int(segment_id)))
+
+    # ---- reading ------------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """``labelled`` (skips included), ``queued`` (waiting for a label) and ``total`` pairs."""
+        with self._connect() as db:
+            total, labelled = db.execute("SELECT COUNT(*), COUNT(label) FROM pairs").fetchone()
+        return {"labelled": labelled, "queued": total - labelled, "total": total}
+
+    def queued(self, limit: int = 1, exclude: tuple[int, ...] = ()) -> list[dict]:
+        """The oldest unlabelled pairs: ``id``, ``seg1``, ``seg2`` and their clip paths (None until rendered)."""
+        marks = ",".join("?" * len(exclude))
+        sql = ("SELECT p.id, p.seg1, p.seg2, s1.clip, s2.clip FROM pairs p JOIN segments s1 ON s1.id = p.seg1 "
+               "JOIN segments s2 ON s2.id = p.seg2 WHERE p.label IS NULL" + (f" AND p.id NOT IN ({marks})" if exclude else "")
+               + " ORDER BY p.id LIMIT ?")
+        with self._connect() as db:
+            rows = db.execute(sql, (*map(int, exclude), int(limit))).fetchall()
+        return [{"id": r[0], "seg1": r[1], "seg2": r[2], "clip1": r[3], "clip2": r[4]} for r in rows]
+
+    def pair(self, pair_id: int) -> dict | None:
+        with self._connect() as db:
+            r = db.execute("SELECT id, seg1, seg2, label, labeller, labelled_at FROM pairs WHERE id = ?", (int(pair_id),)).fetchone()
+        return None if r is None else dict(zip(("id", "seg1", "seg2", "label", "labeller", "labelled_at"), r))
+
+    def segment(self, segment_id: int) -> dict[str, np.ndarray]:
+        with self._connect() as db:
+            r = db.execute("SELECT data FROM segments WHERE id = ?", (int(segment_id),)).fetchone()
+        if r is None:
+            raise UserError(f"no segment {segment_id} in {self.path}")
+        return _unpack(r[0])
+
+    def labelled(self, after_seq: int = 0) -> dict[str, np.ndarray]:
+        """Every pair labelled after ``after_seq``, in the order the labels arrived: ``first`` / ``second``
+        (segment fields stacked ``[P, H, ...]``), ``label`` ``[P]`` (1 / 0 / 0.5 / nan as the oracles'),
+        ``seq`` ``[P]`` and ``pair_id`` ``[P]``."""
+        with self._connect() as db:
+            rows = db.execute("SELECT p.id, p.label, p.label_seq, s1.data, s2.data FROM pairs p JOIN segments s1 ON s1.id = p.seg1 "
+                              "JOIN segments s2 ON s2.id = p.seg2 WHERE p.label_seq > ? ORDER BY p.label_seq", (int(after_seq),)).fetchall()
+        out = {"pair_id": np.array([r[0] for r in rows], dtype=np.int64), "label": np.array([LABEL_VALUE[r[1]] for r in rows]),
+               "seq": np.array([r[2] for r in rows], dtype=np.int64)}
+        for side, col in (("first", 3), ("second", 4)):
+            segs = [_unpack(r[col]) for r in rows]
+            out[side] = {f: np.stack([s[f] for s in segs]) for f in SEGMENT_FIELDS} if segs else {}
+        return out
+
+    def check(self) -> str:
+        """SQLite's own integrity check (``ok`` when the file is sound)."""
+        with self._connect() as db:
+            return db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+class LabelFeed:
+    """What a trainer has read of a store: every labelled pair so far, decoded once (``data``, in arrival
+    order, as :meth:`LabelStore.labelled` returns them), and where the next read starts. A component with
+    its own state: a resumed run re-reads the labels it had seen and treats later ones as new."""
+
+    def __init__(self, store: LabelStore) -> None:
+        self.store = store
+        self.seq = 0
+        self.data = store.labelled(after_seq=10**18)  # empty, with the right keys
+
+    def poll(self) -> int:
+        """Read the labels that arrived since the last poll; returns how many."""
+        new = self.store.labelled(after_seq=self.seq)
+        n = len(new["label"])
+        if n:
+            self.data = new if not len(self.data["label"]) else {
+                k: ({f: np.concatenate([self.data[k][f], v[f]]) for f in v} if isinstance(v, dict) else np.concatenate([self.data[k], v]))
+                for k, v in new.items()}
+            self.seq = int(new["seq"][-1])
+        return n
+
+    def state_dict(self) -> dict:
+        return {"seq": self.seq}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seq, self.data = 0, self.store.labelled(after_seq=10**18)
+        old = self.store.labelled(after_seq=0)
+        keep = old["seq"] <= int(state["seq"])
+        if keep.any():
+            self.data = {k: ({f: a[keep] for f, a in v.items()} if isinstance(v, dict) else v[keep]) for k, v in old.items()}
+            self.seq = int(state["seq"])
