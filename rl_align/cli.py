@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_list)
 
     # each tool module contributes its own sub-command(s) through ``add_parser(sub)``
-    for module in ("rl_align.evaluation", "rl_align.sweep", "rl_align.report", "rl_align.tournament", "rl_align.games.cli", "rl_align.sb3"):
+    for module in ("rl_align.evaluation", "rl_align.sweep", "rl_align.report", "rl_align.tournament", "rl_align.games.cli", "rl_align.sb3",
+                   "rl_align.labels.cli"):
         try:
             __import__(module, fromlist=["add_parser"]).add_parser(sub)
         except ModuleNotFoundError as exc:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from rl_align.agents import register
 from rl_align.agents.ppo import PPO, PPOConfig
 from rl_align.errors import UserError
+from rl_align.labels.learn import rlhf_preferences
 from rl_align.nets import RunningMeanStd, mlp
 
 
@@ -149,6 +150,8 @@ class RLHF(PPO):
         """Label new pairs of this rollout's segments (within the budget) and add them to the dataset.
         Before they join it, the reward model ranks them: its held-out accuracy on the fresh rollout."""
         c, buf = self.config, self.buffer
+        if self.oracle.config.kind == "human":  # labels a person gave in a label store (rl_align/labels/learn.py)
+            return rlhf_preferences(self)
         seg = buf.segments(c.segment_len)
         remaining = self.oracle.remaining()
         want = c.queries_per_update if remaining is None else min(c.queries_per_update, remaining)

@@ -40,6 +40,7 @@ from rl_align.agents import register
 from rl_align.agents.base import Agent, AgentConfig
 from rl_align.diagnostics import DiagnosticsConfig, PLDiagnostics, flat_grad
 from rl_align.errors import UserError
+from rl_align.labels.learn import sail_batch
 from rl_align.nets import gaussian_kl
 
 
@@ -221,6 +222,8 @@ class SAIL(Agent):
         """Label pairs of this rollout's segments; tensors of the segments and of the valid (non-tie,
         non-skipped) pairs, plus the oracle's agreement with the true return (a diagnostic it computes)."""
         c, buf = self.config, self.buffer
+        if self.oracle.config.kind == "human":  # labelled pairs from a label store (no shift part: rl_align/labels/learn.py)
+            return sail_batch(self)
         seg = buf.segments(c.segment_len)
         if len(seg) < 2:
             return None
@@ -344,7 +347,8 @@ class SAIL(Agent):
         with torch.no_grad():  # at theta_old: held-out accuracy of h on the fresh labels, and the shift weights
             t0 = self.objective_terms(b, fresh_idx)
             metrics["pref/heldout_accuracy"] = pair_accuracy(t0["h"][fresh["i"]], t0["h"][fresh["j"]], fresh["pref1"])
-            b["shift_w"] = shift_weights(fresh["i"], fresh["j"], t0["logsig"], M, c.baseline, c.normalize_shift)
+            if not fresh.get("offline"):  # the shift part needs labels of this rollout's own segments
+                b["shift_w"] = shift_weights(fresh["i"], fresh["j"], t0["logsig"], M, c.baseline, c.normalize_shift)
         params = list(self.policy.parameters())
         d_idx = fresh_idx[: c.diag_pairs]
         if c.diag_every > 0 and (self.updates - 1) % c.diag_every == 0:
