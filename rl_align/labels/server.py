@@ -177,6 +177,7 @@ def serve(store_path: Path, host: str = "127.0.0.1", port: int = 8765, token: st
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(128)  # connections wait in the backlog from the moment the address is printed
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
     port = sock.getsockname()[1]
