@@ -223,3 +223,53 @@ def test_rlhf_reward_model_dataset_is_the_stored_labels_without_skips(tmp_path):
     rows = [r for r in csv.DictReader(open(folder / "progress.csv")) if r.get("rlhf/pairs")]
     assert float(rows[0]["rlhf/pairs"]) == 24 - sum(1 for p in store.labelled()["label"] if np.isnan(p))
     assert float(rows[-1]["rlhf/pairs"]) == float(rows[0]["rlhf/pairs"])  # no new label arrived after the first read
+
+
+def test_clips_are_rebuilt_from_stored_observations_as_the_simulator_showed_them(tmp_path):
+    """The frames rebuilt from a segment's observations and x-velocities are those of the simulator's own
+    states (the root's x shifted to start at 0), and the clip is a WebM file."""
+    from rl_align.envs import make_env
+    from rl_align.labels.render import ClipRenderer
+
+    env = make_env("HalfCheetah-v5")
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    seg = {k: [] for k in ("obs", "features")}
+    qpos = []
+    for _ in range(6):
+        seg["obs"].append(obs)
+        qpos.append(env.unwrapped.data.qpos.copy())
+        obs, _, _, _, info = env.step(rng.uniform(-1, 1, 6))
+        seg["features"].append(info["features"])
+    seg = {k: np.asarray(v) for k, v in seg.items()}
+    seg["mask"] = np.ones(6, bool)
+    r = ClipRenderer("HalfCheetah-v5", 96, 72)
+    rebuilt = r.frames(seg)
+    truth = []
+    for q in qpos:
+        q = q.copy()
+        q[0] -= qpos[0][0]
+        r.u.set_state(q, np.zeros(r.u.model.nv))
+        truth.append(r.env.render())
+    assert len(rebuilt) == 6 and rebuilt[0].shape == (72, 96, 3)
+    for a, b in zip(rebuilt, truth):
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
+    assert np.abs(rebuilt[0].astype(int) - rebuilt[-1].astype(int)).mean() > 1.0  # the body moved on screen
+    seconds = r.write({**seg, "mask": seg["mask"]}, tmp_path / "c.webm")
+    assert (tmp_path / "c.webm").read_bytes()[:4] == b"\x1a\x45\xdf\xa3" and seconds > 0  # EBML: a WebM file
+    r.close()
+
+
+def test_collect_cli_queues_pairs_from_a_run_folder(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["train", "--env", "halfcheetah-pref", "--agent", "sail-revkl", "--steps", "200", *sum((["--set", o] for o in SMALL), []),
+                 "--set", f"run.out_dir={runs}"]) == 0
+    run = next(runs.glob("*/*/*"))
+    assert main(["label", "collect", "--run", str(run), "--pairs", "7", "--no-render", "--prompt", "Run forward."]) == 0
+    store = LabelStore(run / "labels.sqlite")
+    assert store.counts() == {"labelled": 0, "queued": 7, "total": 7}
+    assert store.meta["prompt"] == "Run forward." and store.segment_len == 20
+    seg = store.segment(store.queued()[0]["seg1"])
+    assert seg["obs"].shape == (20, 17) and seg["actions"].shape == (20, 6) and np.abs(seg["obs"]).max() > 0
+    assert main(["label", "collect", "--run", str(run), "--pairs", "2", "--no-render", "--segment-len", "10"]) == 2  # one length per store
+    assert "holds 20-step segments" in capsys.readouterr().err
