@@ -308,6 +308,7 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
                 agent.env_steps,
                 **{"return": recent[-10:, 0].mean() if recent is not None else None,
                    "cost": recent[-10:, 1].mean() if recent is not None else None},
+                **(agent.oracle.feed.progress() if agent.oracle is not None and agent.oracle.feed is not None else {}),  # a label store's
             )
     finally:
         progress.close()

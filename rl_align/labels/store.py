@@ -242,6 +242,11 @@ class LabelFeed:
             self.seq = int(new["seq"][-1])
         return n
 
+    def progress(self) -> dict[str, float]:
+        """For the trainer's status line: labels that arrived, and pairs queued but not yet labelled."""
+        c = self.store.counts()
+        return {"labelled": float(c["labelled"]), "pending labels": float(c["queued"])}
+
     def state_dict(self) -> dict:
         return {"seq": self.seq}
 
