@@ -22,9 +22,12 @@ from rl_align.labels.store import SEGMENT_FIELDS, LabelStore
 DEFAULT_PROMPT = "Which clip shows more of what you want? Use the arrow keys: left, right, up for equal, down if you can't tell."
 
 
-def collect_from_agent(agent, env_config, store: LabelStore, n_pairs: int, seed: int, segment_len: int) -> list[int]:
+def collect_from_agent(agent, env_config, store: LabelStore, n_pairs: int, seed: int, segment_len: int,
+                       per_rollout: float = 1.0) -> list[int]:
     """Queue ``n_pairs`` pairs of ``segment_len``-step segments from ``agent``'s stochastic rollouts on fresh
-    envs (seeds ``seed + i``); the agent's normalizer stays frozen. Returns the pair ids."""
+    envs (seeds ``seed + i``), at most ``per_rollout`` times as many pairs from one rollout as it has segments
+    (each segment in about ``2 * per_rollout`` pairs: many pairs of few segments teach little); the agent's
+    normalizer stays frozen. Returns the pair ids."""
     from rl_align.agents.base import EpisodeTracker
     from rl_align.envs import make_vec_env
     from rl_align.labels.learn import segment_arrays
@@ -41,7 +44,7 @@ def collect_from_agent(agent, env_config, store: LabelStore, n_pairs: int, seed:
             seg = agent.buffer.segments(segment_len)
             if len(seg) < 2:
                 continue
-            i, j = agent.buffer.pairs(len(seg), n_pairs - len(ids), agent.rng)
+            i, j = agent.buffer.pairs(len(seg), min(n_pairs - len(ids), max(1, int(per_rollout * len(seg)))), agent.rng)
             ids += store.add_pairs(segment_arrays(agent, seg), i, j, source=f"collect@{agent.env_steps}")
     finally:
         env.close()
