@@ -1,11 +1,12 @@
 """Human preferences: what a person waits for, and what labels at a person's rate buy.
 
-    python benchmarks/labels.py pipeline --pairs 12 --pace 3          # render time, page latency (headless Chromium)
+    python benchmarks/labels.py pipeline --pairs 12 --pace 3 [--prerender]   # render time, page latency (headless Chromium)
     python benchmarks/labels.py learn --agent sail-revkl --steps 60000 --interval 3 --seed 0
 
 ``pipeline``: a store of ``--pairs`` pairs of 50-step HalfCheetah segments from the shipped seed-0
-reference; (1) seconds to render one pair's two clips (320x240, the page's default), each clip alone;
-(2) the real page (``rl-align label``, uvicorn) in headless Chromium answered with the arrow keys every
+reference; (1) seconds to render one pair's two clips (320x240, the page's default); with ``--prerender``
+every pair's, before the page opens (the offline path: ``label collect`` renders), otherwise 4 probe pairs
+and the page renders on demand, 3 pairs ahead (the online path); (2) the real page (``rl-align label``, uvicorn) in headless Chromium answered with the arrow keys every
 ``--pace`` seconds: the latency from the key press to both next clips playing, per label.
 
 ``learn``: online, as Christiano et al.: the trainer (``env.oracle.kind=human``, ``post_pairs``) queues pairs
@@ -43,12 +44,20 @@ def pipeline(args) -> dict:
     cfg, agent = agent_for(["run.progress=false"], seed=0)
     store = LabelStore.create(tmp / "s.sqlite", cfg.env.task, "Prefer the clip that runs forward faster.", 50, 20.0)
     collect_from_agent(agent, cfg.env, store, args.pairs, seed=400_000, segment_len=50)
+    from rl_align.labels.render import ensure_clips
+
     renderer = ClipRenderer(cfg.env.task)
     per_pair = []
-    for pair in store.queued(limit=4):
-        per_pair.append(sum(renderer.write(store.segment(pair[f"seg{s}"]), tmp / "probe" / f"{pair['id']}-{s}.webm") for s in "12"))
+    for pair in store.queued(limit=args.pairs if args.prerender else 4):  # offline: what label collect does before the page opens
+        t0 = time.perf_counter()
+        if args.prerender:
+            ensure_clips(store, renderer, pair)
+        else:
+            for s in "12":
+                renderer.write(store.segment(pair[f"seg{s}"]), tmp / "probe" / f"{pair['id']}-{s}.webm")
+        per_pair.append(time.perf_counter() - t0)
     renderer.close()
-    page = Page(store.path, "--prefetch", "2")
+    page = Page(store.path)
     latencies = []
     try:
         first = page.playing_pair(timeout=120)
@@ -59,12 +68,12 @@ def pipeline(args) -> dict:
             latencies.append(page.js("const s = window.labelState; return s.playingAt - s.answeredAt") / 1000)
     finally:
         page.close()
-    out = {"bench": "pipeline", "pairs": args.pairs, "pace_s": args.pace, "clip_s": 50 / 20.0, "clip_size": "320x240",
+    out = {"bench": "pipeline", "prerendered": args.prerender, "pairs": args.pairs, "pace_s": args.pace, "clip_s": 50 / 20.0, "clip_size": "320x240",
            "render_s_per_pair": per_pair, "latency_s": latencies, "latency_median_s": statistics.median(latencies),
            "latency_max_s": max(latencies), "first_pair_id": first}
     print(f"render: {statistics.median(per_pair):.2f} s per pair (median of {len(per_pair)}: {', '.join(f'{x:.2f}' for x in per_pair)}); "
           f"clips of 2.5 s")
-    print(f"page latency, key press -> both next clips playing, one label every {args.pace:g} s: median {statistics.median(latencies):.3f} s, "
+    print(f"page latency ({'clips rendered by collect' if args.prerender else 'clips rendered by the page, 3 ahead'}), key press -> both next clips playing, one label every {args.pace:g} s: median {statistics.median(latencies):.3f} s, "
           f"max {max(latencies):.3f} s over {len(latencies)} labels")
     return out
 
@@ -107,6 +116,7 @@ def main() -> None:
     a = sub.add_parser("pipeline")
     a.add_argument("--pairs", type=int, default=12)
     a.add_argument("--pace", type=float, default=3.0)
+    a.add_argument("--prerender", action="store_true", help="render every clip first, as label collect does (offline path)")
     b = sub.add_parser("learn")
     b.add_argument("--agent", default="sail-revkl")
     b.add_argument("--steps", type=int, default=60_000)

@@ -33,7 +33,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--token", default=None, help="require ?token=... on every request (for --host other than 127.0.0.1)")
     p.add_argument("--labeller", default=None, help="name stored with each answer (default: <user>@page)")
-    p.add_argument("--prefetch", type=int, default=2, help="queued pairs whose clips are rendered ahead (default 2)")
+    p.add_argument("--prefetch", type=int, default=3, help="queued pairs whose clips are rendered ahead (default 3)")
     p.add_argument("--clip-size", type=_size, default=None, metavar="WxH", help="clip size for clips rendered here (default 320x240)")
     return p
 

@@ -90,7 +90,7 @@ class RenderWorker:
 
 
 def create_app(store: LabelStore, labeller: str, token: str | None = None, allow_remote: bool = False,
-               prefetch: int = 2, size: tuple[int, int] | None = None):
+               prefetch: int = 3, size: tuple[int, int] | None = None):
     """The Starlette app of the page for ``store``; answers are recorded as ``labeller``."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -99,6 +99,9 @@ def create_app(store: LabelStore, labeller: str, token: str | None = None, allow
     from starlette.routing import Route
 
     worker = RenderWorker(store, prefetch, size)
+    for pair in store.queued(limit=prefetch + 1):  # the first pairs are rendered before anyone asks
+        if not all(pair[f"clip{s}"] for s in "12"):
+            worker.clips(pair, urgent=False)
 
     class Guard(BaseHTTPMiddleware):
         async def dispatch(self, request, call_next):
@@ -156,7 +159,7 @@ def create_app(store: LabelStore, labeller: str, token: str | None = None, allow
 
 
 def serve(store_path: Path, host: str = "127.0.0.1", port: int = 8765, token: str | None = None, labeller: str | None = None,
-          prefetch: int = 2, size: tuple[int, int] | None = None) -> None:
+          prefetch: int = 3, size: tuple[int, int] | None = None) -> None:
     """Run the page until interrupted; prints its address (with the token) on the first line."""
     import getpass
 
