@@ -1,7 +1,8 @@
 """Human preferences: what a person waits for, and what labels at a person's rate buy.
 
     python benchmarks/labels.py pipeline --pairs 12 --pace 3 [--prerender]   # render time, page latency (headless Chromium)
-    python benchmarks/labels.py learn --agent sail-revkl --steps 60000 --interval 3 --seed 0
+    python benchmarks/labels.py learn --agent sail-revkl --steps 100000 --interval 3 --seed 0
+    python benchmarks/labels.py offline --agent sail-revkl --labels 100 --steps 20000 --seed 0
 
 ``pipeline``: a store of ``--pairs`` pairs of 50-step HalfCheetah segments from the shipped seed-0
 reference; (1) seconds to render one pair's two clips (320x240, the page's default); with ``--prerender``
@@ -110,6 +111,37 @@ def learn(args) -> dict:
     return out
 
 
+def offline(args) -> dict:
+    """``--labels`` labels, as a person would give them before training (at 3 s each: ``labels * 3`` s of their
+    time): pairs of the shipped reference's rollouts answered by the preset's teacher (Bradley-Terry, T = 0,
+    true reward), then ``--steps`` of training from the store alone."""
+    from label_helpers import agent_for
+
+    from rl_align.labels.collect import answer_queued, collect_from_agent, synthetic_oracle
+    from rl_align.labels.store import LabelStore
+    from rl_align.runs import resolve_config
+    from rl_align.train import train
+
+    tmp = Path(tempfile.mkdtemp(prefix="labels-offline-"))
+    cfg, agent = agent_for(["run.progress=false"], seed=args.seed)
+    store = LabelStore.create(tmp / "s.sqlite", cfg.env.task, "Prefer the clip with more reward.", 50, 20.0)
+    collect_from_agent(agent, cfg.env, store, args.labels, seed=args.seed + 400_000, segment_len=50)
+    answer_queued(store, synthetic_oracle("reward", 0.0, args.seed), "synthetic:reward")
+    overrides = ["env.oracle.kind=human", f"env.oracle.store={store.path}", f"run.out_dir={tmp / 'runs'}", "run.progress=false"]
+    run = resolve_config("halfcheetah-pref", args.agent, overrides + (["agent.init=auto"] if args.agent == "rlhf" else []),
+                         steps=args.steps, seed=args.seed)
+    t0 = time.time()
+    folder, summary = train(run, quiet=True)
+    i, f = summary["initial"], summary["final"]
+    gain = f["eval/return_stoch"] - i["eval/return_stoch"]
+    out = {"bench": "offline", "agent": args.agent, "seed": args.seed, "steps": args.steps, "labels": args.labels,
+           "wall_s": time.time() - t0, "return_stoch_start": i["eval/return_stoch"], "return_stoch_end": f["eval/return_stoch"],
+           "return_det_start": i["eval/return_det"], "return_det_end": f["eval/return_det"],
+           "gain_per_100_labels": 100 * gain / args.labels, "eval_episodes": summary.get("eval_episodes")}
+    print(json.dumps(out))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -123,8 +155,13 @@ def main() -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--interval", type=float, default=3.0)
     b.add_argument("--post-pairs", type=int, default=20)
+    c = sub.add_parser("offline")
+    c.add_argument("--agent", default="sail-revkl")
+    c.add_argument("--labels", type=int, default=100)
+    c.add_argument("--steps", type=int, default=20_000)
+    c.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    out = pipeline(args) if args.what == "pipeline" else learn(args)
+    out = {"pipeline": pipeline, "learn": learn, "offline": offline}[args.what](args)
     out["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with open(ROOT / "benchmarks" / "labels.jsonl", "a") as fh:
         fh.write(json.dumps(out) + "\n")

@@ -108,16 +108,17 @@ def test_both_clips_play_click_and_arrow_key_store_the_right_labels_and_reload_l
 
 
 def test_browser_labels_by_forward_progress_teach_halfcheetah_to_run_faster(tmp_path):
-    """End to end from the shipped seed-0 reference: pairs of its segments are queued; a scripted browser
-    answers the first 3 on the page (arrow keys, as the forward-progress oracle would choose), and the
-    synthetic labeller answers the other 777 through the same store call (a browser session for 780 pairs
-    would take minutes); then SAIL-RevKL with ``env.oracle.kind=human`` learns from the stored labels alone
-    (the DPO part and the reverse KL; no shift part, no oracle at training time) and its sampled
-    x-velocity rises above the reference's."""
+    """End to end from the shipped seed-0 reference: 400 pairs of its segments (5 rollouts) are queued; a
+    scripted browser answers the first 3 on the page (arrow keys, as the forward-progress oracle would
+    choose), and the synthetic labeller answers the other 397 through the same store call (a browser
+    session for 400 pairs would take minutes; the browser's part is there to prove the page's labels are
+    the ones learned from, not to carry the signal); then SAIL-RevKL with ``env.oracle.kind=human`` learns
+    from the stored labels alone (the DPO part and the reverse KL; no shift part, no oracle at training
+    time) and its sampled x-velocity rises above the reference's."""
     seed = 0
     cfg, agent = agent_for(["run.progress=false"], seed=seed)
     store = LabelStore.create(tmp_path / "s.sqlite", cfg.env.task, "Prefer the clip that runs forward faster.", 50, 20.0)
-    collect_from_agent(agent, cfg.env, store, 780, seed=seed + 400_000, segment_len=50)
+    collect_from_agent(agent, cfg.env, store, 400, seed=seed + 400_000, segment_len=50, per_rollout=2)
     page = Page(store.path, "--clip-size", "160x120", "--prefetch", "1")
     try:
         for _ in range(3):
@@ -133,7 +134,7 @@ def test_browser_labels_by_forward_progress_teach_halfcheetah_to_run_faster(tmp_
     run = resolve_config("halfcheetah-pref", "sail-revkl", ["agent.curvature_every=0", "agent.diag_every=0", "agent.win_rate_episodes=1",
                                                             "run.eval_episodes=1", "run.progress=false", "env.oracle.kind=human",
                                                             f"env.oracle.store={store.path}", f"run.out_dir={tmp_path / 'runs'}"],
-                         steps=10_000, seed=seed)
+                         steps=8_000, seed=seed)
     folder, _ = train(run, quiet=True)
     v = x_velocities(folder)
     print("x-velocity per rollout", np.round(v, 3))
