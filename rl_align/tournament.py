@@ -17,7 +17,6 @@ import csv
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -72,7 +71,7 @@ def tournament(folders: list[str | Path], oracle: str | None = None, episodes: i
                deterministic: bool = True, seed: int = 500_000) -> TournamentResult:
     """Play every final policy against every other on matched segments; see the module docstring."""
     from rl_align.envs import Oracle
-    from rl_align.train import rollout_segments
+    from rl_align.evaluation import matched_preferences, rollout_segments
 
     if len(folders) < 2:
         raise UserError("a tournament needs at least two run folders")
@@ -92,12 +91,9 @@ def tournament(folders: list[str | Path], oracle: str | None = None, episodes: i
     win, half, n = np.full((K, K), np.nan), np.full((K, K), np.nan), np.zeros((K, K), int)
     for i in range(K):
         for j in range(K):
-            keys = sorted(set(segs[i]) & set(segs[j]))
-            if not keys:
+            p, episode = matched_preferences(segs[i], segs[j], judge)  # P(s_i > s_j) per matched window
+            if not len(p):
                 continue
-            stack = lambda s: SimpleNamespace(**{k: np.stack([s[key][k] for key in keys]) for k in s[keys[0]]})  # noqa: E731
-            p = judge.preference_prob(stack(segs[i]), stack(segs[j]))  # P(s_i > s_j) per matched window
-            episode = np.array([key[0] for key in keys])
             per_ep = np.array([p[episode == e].mean() for e in np.unique(episode)])  # episode = independent unit
             win[i, j], n[i, j] = p.mean(), len(p)
             half[i, j] = _t_half_width(per_ep)

@@ -11,8 +11,10 @@ import torch
 from rl_align.agents.base import EpisodeTracker
 from rl_align.agents.comal import segment_win_rates
 from rl_align.errors import UserError
-from rl_align.runs import load_checkpoint, resolve_config
-from rl_align.train import build_agent, train
+from rl_align.checkpoints import load_checkpoint
+from rl_align.runs import resolve_config
+from rl_align.runs import build_agent
+from rl_align.train import prepare, train
 
 SMALL = ["agent.ref=init", "agent.n_envs=2", "agent.n_steps=100", "agent.segment_len=20", "agent.diag_every=0",
          "agent.win_rate_episodes=1", "env.max_episode_steps=100", "run.eval_episodes=1", "run.progress=false"]
@@ -21,11 +23,11 @@ SMALL = ["agent.ref=init", "agent.n_envs=2", "agent.n_steps=100", "agent.segment
 def _trained_agent(extra=()):
     cfg = resolve_config("halfcheetah-cyclic", "comal", SMALL + ["agent.inner_updates=0", *extra])
     agent, env = build_agent(cfg)
-    agent.prepare(cfg)
+    prepare(agent, cfg)
     obs = env.reset()
     for _ in range(2):
         obs = agent.collect(env, obs, EpisodeTracker(env.n_envs))
-        agent.update()
+        agent.update([])
     return agent, env
 
 
@@ -63,7 +65,7 @@ def test_scheduled_reset_in_the_update_and_plateau_criterion():
     agent, env = _trained_agent(["agent.plateau_window=2"])
     agent.config.inner_updates = 1
     agent.collect(env, env.reset(), EpisodeTracker(env.n_envs))
-    m = agent.update()
+    m = agent.update([])
     assert m["comal/resets"] == 1.0 and _same(agent.ref_policy.state_dict(), agent.policy.state_dict())
     agent.inner_values = [0.0, 0.1, 0.2, 0.3]  # still improving by 0.2 per window
     assert not agent.plateaued()

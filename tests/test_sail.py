@@ -12,7 +12,8 @@ from rl_align.agents.base import EpisodeTracker
 from rl_align.agents.sail import dpo_term, implicit_reward, pair_accuracy, shift_term, shift_weights
 from rl_align.errors import UserError
 from rl_align.runs import resolve_config
-from rl_align.train import build_agent, train
+from rl_align.runs import build_agent
+from rl_align.train import prepare, train
 
 SMALL = ["agent.ref=init", "agent.n_envs=2", "agent.n_steps=100", "agent.segment_len=20", "run.progress=false"]
 
@@ -20,7 +21,7 @@ SMALL = ["agent.ref=init", "agent.n_envs=2", "agent.n_steps=100", "agent.segment
 def _agent_with_batch(revkl: float, revkl_std: bool = True):
     cfg = resolve_config("halfcheetah-pref", "sail", SMALL + [f"agent.revkl_coef={revkl}", f"agent.revkl_std={str(revkl_std).lower()}"])
     agent, env = build_agent(cfg)
-    agent.prepare(cfg)
+    prepare(agent, cfg)
     with torch.no_grad():  # a reference different from the policy, so h and the KL are not trivially 0
         for p in agent.ref_policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -215,21 +216,21 @@ def test_query_budget_is_respected_and_spent_budget_skips_the_update():
     later ones get no label and are skipped (weights unchanged although Adam has momentum)."""
     cfg = resolve_config("halfcheetah-pref", "sail", SMALL + ["env.oracle.budget=30", "agent.diag_every=0"])
     agent, env = build_agent(cfg)
-    agent.prepare(cfg)
+    prepare(agent, cfg)
     obs, tracker = env.reset(), EpisodeTracker(env.n_envs)
     used = []
     for _ in range(3):
         obs = agent.collect(env, obs, tracker)
         before = torch.nn.utils.parameters_to_vector(agent.policy.parameters()).clone()
-        m = agent.update()
-        used.append(m["train/queries_used"])
+        m = agent.update(tracker.pop())
+        used.append(agent.oracle.queries)
     assert used == [30, 30, 30] and agent.oracle.queries == 30
     assert m.get("train/skipped") == 1.0
     assert torch.equal(before, torch.nn.utils.parameters_to_vector(agent.policy.parameters()))
 
 
 def test_auto_reference_is_trained_once_and_shared_across_oracle_settings(tmp_path):
-    from rl_align.agents.sail import auto_reference
+    from rl_align.train import auto_reference
 
     common = [f"run.out_dir={tmp_path}", "agent.ref_steps=256", "run.eval_episodes=1", "env.max_episode_steps=100"]
     a = auto_reference(resolve_config("halfcheetah-pref", "sail-revkl", common, seed=0))

@@ -105,8 +105,8 @@ class COMAL(SAIL):
         s = state["comal"]
         self.resets, self.inner_step, self.inner_values = int(s["resets"]), int(s["inner_step"]), [float(v) for v in s["inner_values"]]
 
-    def prepare(self, cfg) -> None:
-        super().prepare(cfg)
+    def prepare(self, start: dict | None, source: str = "") -> None:
+        super().prepare(start, source)
         self.init_ref_policy.load_state_dict(self.ref_policy.state_dict())
 
     # ---- the inner solver -------------------------------------------------------------------------
@@ -145,10 +145,10 @@ class COMAL(SAIL):
         W, f = self.config.plateau_window, self.inner_values
         return W > 0 and len(f) >= 2 * W and np.mean(f[-W:]) - np.mean(f[-2 * W:-W]) < self.config.plateau_tol
 
-    def update(self) -> dict[str, float]:
+    def update(self, episodes: list[tuple[float, float, int]]) -> dict[str, float]:
         c = self.config
         self._f = float("nan")
-        metrics = super().update()
+        metrics = super().update(episodes)
         self.inner_step += 1
         if np.isfinite(self._f):
             self.inner_values.append(self._f)
@@ -162,11 +162,6 @@ class COMAL(SAIL):
         return metrics
 
     # ---- evaluation -------------------------------------------------------------------------------
-    def eval_extra(self, cfg) -> dict[str, float]:
-        """Win rate and KL against the initial reference pi_ref^1 (the moving one is only the prox centre)."""
-        moving = self.ref_policy
-        self.ref_policy = self.init_ref_policy
-        try:
-            return super().eval_extra(cfg)
-        finally:
-            self.ref_policy = moving
+    def reference(self) -> torch.nn.Module:
+        """Evaluation measures against the initial reference pi_ref^1 (the moving one is only the prox centre)."""
+        return self.init_ref_policy

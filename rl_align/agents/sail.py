@@ -25,12 +25,7 @@ Constrained variant: when ``self.lagrangian`` is set (rl_align.agents.lagrangian
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +33,7 @@ import torch.nn.functional as F
 
 from rl_align.agents import register
 from rl_align.agents.base import Agent, AgentConfig
+from rl_align.agents.preferences import label_pairs, pair_accuracy, segment_logp
 from rl_align.diagnostics import DiagnosticsConfig, PLDiagnostics, flat_grad
 from rl_align.errors import UserError
 from rl_align.nets import gaussian_kl
@@ -136,14 +132,6 @@ def segment_kl(kl_steps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (kl_steps * mask).sum(-1)
 
 
-def pair_accuracy(h_i: torch.Tensor, h_j: torch.Tensor, pref1: torch.Tensor) -> float:
-    """Share of labelled pairs whose preferred segment the signal ``h`` ranks higher (ties count 1/2)."""
-    if len(pref1) == 0:
-        return float("nan")
-    agree = torch.where(pref1 > 0.5, torch.sign(h_i - h_j), torch.sign(h_j - h_i))
-    return float(((agree + 1) / 2).mean())
-
-
 class PairStore:
     """The labelled pairs of the last ``window`` rollouts, with what the DPO part needs to recompute
     ``h``: each segment's states, actions, mask and ``pi_ref`` log-probs. A component with its own state."""
@@ -196,37 +184,36 @@ class SAIL(Agent):
         c = self.config
         self.diagnostics = PLDiagnostics(DiagnosticsConfig(every=c.curvature_every, f_star=c.f_star))
         self.store = PairStore(c.replay)
-        self._eval_oracle = None
 
     def modules(self) -> dict:
         return {**super().modules(), "ref_policy": self.ref_policy, "diagnostics": self.diagnostics, "store": self.store}
 
     # ---- the reference policy ---------------------------------------------------------------------
-    def prepare(self, cfg) -> None:
-        """Load pi_ref (the shipped or cached auto reference, trained once if needed); the policy starts from its weights."""
-        c = self.config
-        if c.ref == "init":
-            self.ref_policy.load_state_dict(self.policy.state_dict())
-            return
-        path = auto_reference(cfg) if c.ref == "auto" else Path(c.ref)
-        self.set_reference_from(path)
+    def start_spec(self) -> str | None:
+        """``ref``: ``auto`` (the shipped or cached PPO reference), a run folder / checkpoint / ``sb3:`` zip,
+        or ``init`` (pi_ref is the freshly initialized policy: nothing to load)."""
+        return None if self.config.ref == "init" else self.config.ref
 
-    def set_reference_from(self, path: Path) -> None:
-        state = self.start_from(path)
-        self.ref_policy.load_state_dict(state["policy"])
-        self.freeze_obs_rms = True  # pi and pi_ref see states through pi_ref's frozen normalizer
+    def prepare(self, start: dict | None, source: str = "") -> None:
+        """pi_ref <- the resolved reference; the policy starts from its weights and both see states through
+        its frozen normalizer. Without one (``ref: init``) pi_ref is the initial policy."""
+        if start is not None:
+            self.load_start(start, source)
+            self.freeze_obs_rms = True
+        self.ref_policy.load_state_dict(self.policy.state_dict())
+
+    def reference(self) -> torch.nn.Module:
+        return self.ref_policy
 
     # ---- the batch --------------------------------------------------------------------------------
     def _batch(self) -> dict[str, torch.Tensor] | None:
         """Label pairs of this rollout's segments; tensors of the segments and of the valid (non-tie,
         non-skipped) pairs, plus the oracle's agreement with the true return (a diagnostic it computes)."""
-        c, buf = self.config, self.buffer
-        seg = buf.segments(c.segment_len)
-        if len(seg) < 2:
+        c = self.config
+        lp = label_pairs(self.buffer, c.segment_len, c.pairs_per_batch, self.rng, self.oracle)
+        if lp is None:
             return None
-        i, j = buf.pairs(len(seg), c.pairs_per_batch, self.rng)
-        s1, s2 = seg.take(i), seg.take(j)
-        labels = self.oracle.label(s1, s2)
+        seg, i, j, labels = lp.seg, lp.i, lp.j, lp.labels
         valid = (labels == 0.0) | (labels == 1.0)  # ties and skipped queries carry no direction
         if not valid.any():
             return None
@@ -237,7 +224,7 @@ class SAIL(Agent):
         return {"obs": obs, "actions": act, "mask": mask, "old_logp": t(seg.logp), "ref_logp": ref_logp,
                 "i": torch.as_tensor(i[valid], device=self.device), "j": torch.as_tensor(j[valid], device=self.device),
                 "pref1": t(labels[valid]), "n_labels": int(np.isfinite(labels).sum()), "n_ties": int((labels == 0.5).sum()),
-                "oracle_agreement": self.oracle.agreement(s1, s2, labels)}
+                "oracle_agreement": lp.agreement}
 
     def _with_replay(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The fresh batch extended by stored pairs: segments ``[M + R]`` (fresh first), pairs fresh then stored."""
@@ -257,9 +244,8 @@ class SAIL(Agent):
         """Per-step log-probs ``[M_all, H]`` under ``policy`` (default pi_theta), filled on the segments
         ``seg_idx`` (zero elsewhere and on the padding), and the policy's distribution on those segments."""
         policy = policy if policy is not None else self.policy
-        dist = policy.dist(b["obs"][seg_idx])
-        logp = torch.zeros(b["obs"].shape[:2], device=self.device)
-        logp = logp.index_put((seg_idx,), dist.log_prob(b["actions"][seg_idx]).sum(-1) * b["mask"][seg_idx])
+        logp_seg, dist = segment_logp(policy, b["obs"][seg_idx], b["actions"][seg_idx], b["mask"][seg_idx])
+        logp = torch.zeros(b["obs"].shape[:2], device=self.device).index_put((seg_idx,), logp_seg)
         return logp, dist
 
     def objective_terms(self, b: dict, idx: torch.Tensor, policy=None) -> dict[str, torch.Tensor]:
@@ -322,17 +308,15 @@ class SAIL(Agent):
         return out
 
     # ---- the update -------------------------------------------------------------------------------
-    def update(self) -> dict[str, float]:
+    def update(self, episodes: list[tuple[float, float, int]]) -> dict[str, float]:
         c = self.config
         lr = self.set_lr()
         metrics: dict[str, float] = {"train/lr": lr}
         if self.lagrangian is not None:
-            self.gae_rewards = np.zeros_like(self.buffer.costs)  # never the true reward: only cost advantages are used
-            self.buffer.compute_gae(c.gamma, c.gae_lambda, rewards=self.gae_rewards)
-            metrics.update(self.lagrangian.before_update(self))
+            self.buffer.compute_gae(c.gamma, c.gae_lambda, rewards=np.zeros_like(self.buffer.costs))  # never the true reward: only cost advantages are used
+            metrics.update(self.lagrangian.before_update(self, episodes))
         fresh = self._batch()
         self.updates += 1
-        metrics["train/queries_used"] = float(self.oracle.queries)
         if fresh is None:  # no valid pair: skip, or Adam's momentum would still move the weights
             metrics["train/skipped"] = 1.0
             return metrics
@@ -375,8 +359,6 @@ class SAIL(Agent):
             epochs_run += 1
             if stop:
                 break
-        if self.lagrangian is not None:
-            metrics.update(self.lagrangian.after_update(self))
         self.store.add(fresh)
         with torch.no_grad():
             h = self.objective_terms(b, fresh_idx)["h"]
@@ -398,60 +380,3 @@ class SAIL(Agent):
     def kl_to_ref(self, obs: torch.Tensor) -> torch.Tensor:
         """Full Gaussian ``KL(pi_theta || pi_ref)`` averaged over ``obs`` (normalized states): per state."""
         return gaussian_kl(self.policy.mean(obs), self.policy.log_std, self.ref_policy.mean(obs), self.ref_policy.log_std).mean()
-
-    # ---- evaluation -------------------------------------------------------------------------------
-    def eval_extra(self, cfg) -> dict[str, float]:
-        """Win rate of pi_theta against pi_ref under the run's oracle (expected preference over matched
-        segments of fresh stochastic rollouts; a separate oracle, so no training query is spent)."""
-        from rl_align.envs import Oracle
-        from rl_align.train import win_rate
-
-        if self._eval_oracle is None:
-            self._eval_oracle = Oracle(dataclasses.replace(cfg.env.oracle, budget=None), seed=cfg.run.seed + 31)
-        ref = copy.copy(self)
-        ref.policy = self.ref_policy
-        wr = win_rate(self, ref, cfg.env, self._eval_oracle, self.config.win_rate_episodes, self.config.segment_len, seed=cfg.run.seed + 200_000)
-        obs = torch.as_tensor(self.buffer.obs.reshape(-1, self.buffer.obs.shape[-1]), device=self.device)
-        with torch.no_grad():
-            kl = float(self.kl_to_ref(obs))
-        return {"eval/win_rate_vs_ref": wr, "eval/kl_to_ref": kl}
-
-
-def auto_reference(cfg) -> Path:
-    """The "SFT" reference for this env, seed and network: a short PPO run on the true reward. A policy
-    shipped in the repository's ``refs/`` folder under the same key is used first (so every machine starts
-    from the same weights); otherwise it is trained once into ``<out_dir>/_refs/<env>-<key>-s<seed>`` and
-    reused by every later run. The key covers what PPO on the true reward depends on: the task and its
-    episode limit, the reference preset, the network, the step budget and the seed (not the cost or the
-    oracle, which it never uses)."""
-    from rl_align.config import PRESET_ROOT, to_dict
-    from rl_align.runs import from_data, _agent_data
-    from rl_align.train import train
-
-    c = cfg.agent
-    _, ref_data = _agent_data(c.ref_agent)
-    ref_data = {k: v for k, v in ref_data.items() if k not in ("algo", "description", "run")}
-    ref_data.update(hidden=list(c.hidden), activation=c.activation)  # same network as the preference agent
-    env_key = {"task": cfg.env.task, "max_episode_steps": cfg.env.max_episode_steps}
-    key_data = {"env": env_key, "agent": ref_data, "ref_agent": c.ref_agent, "steps": c.ref_steps, "seed": cfg.run.seed}
-    digest = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    name = f"{cfg.env.task.replace('/', '_')}-{digest}-s{cfg.run.seed}"
-    shipped = PRESET_ROOT / "refs" / f"{name}.pt"
-    if shipped.exists():
-        print(f"reference: the shipped policy {shipped.relative_to(PRESET_ROOT)}", file=sys.stderr)
-        return shipped
-    folder = Path(cfg.run.out_dir) / "_refs" / name
-    if (folder / "summary.json").exists():
-        print(f"reference: reusing {folder}", file=sys.stderr)
-        return folder
-    print(f"reference: training {c.ref_agent} for {c.ref_steps:,} steps on the true reward (once; cached in {folder})", file=sys.stderr)
-    ref_cfg = from_data(cfg.env_name, f"ref-{c.ref_agent}", "ppo", {
-        "env": to_dict(cfg.env), "agent": ref_data,
-        "run": {"steps": c.ref_steps, "seed": cfg.run.seed, "out_dir": str(folder.parent), "progress": False,
-                "eval_episodes": cfg.run.eval_episodes, "device": cfg.run.device},
-    })
-    tmp, _ = train(ref_cfg, quiet=True)
-    if folder.exists():  # another process finished the same reference meanwhile
-        return folder
-    tmp.rename(folder)
-    return folder
