@@ -244,6 +244,8 @@ class SAIL(Agent):
         """Per-step log-probs ``[M_all, H]`` under ``policy`` (default pi_theta), filled on the segments
         ``seg_idx`` (zero elsewhere and on the padding), and the policy's distribution on those segments."""
         policy = policy if policy is not None else self.policy
+        if len(seg_idx) == len(b["obs"]):  # every segment (seg_idx is sorted and unique): no scatter needed
+            return segment_logp(policy, b["obs"], b["actions"], b["mask"])
         logp_seg, dist = segment_logp(policy, b["obs"][seg_idx], b["actions"][seg_idx], b["mask"][seg_idx])
         logp = torch.zeros(b["obs"].shape[:2], device=self.device).index_put((seg_idx,), logp_seg)
         return logp, dist
@@ -270,8 +272,10 @@ class SAIL(Agent):
         else:
             terms["shift"] = torch.zeros((), device=self.device)
         pos = torch.searchsorted(seg_idx, fresh)  # rows of the fresh segments in `dist`
-        with torch.no_grad():
-            ref_mu = self.ref_policy.mean(b["obs"][fresh])
+        ref_mu = b.get("ref_mu")  # pi_ref's mean on the fresh states: fixed during an update, computed once
+        if ref_mu is None:
+            with torch.no_grad():
+                ref_mu = self.ref_policy.mean(b["obs"][fresh])
         kl_steps = gaussian_kl(dist.loc[pos], policy.log_std, ref_mu, self.ref_policy.log_std, std_part=c.revkl_std)  # [M, H]
         terms["revkl"] = segment_kl(kl_steps, b["mask"][:n_fresh]).mean()
         return terms
@@ -323,6 +327,8 @@ class SAIL(Agent):
         M, P_fresh = len(fresh["obs"]), len(fresh["pref1"])
         b = self._with_replay(fresh)
         b["n_fresh_segments"] = M
+        with torch.no_grad():
+            b["ref_mu"] = self.ref_policy.mean(b["obs"][:M])
         P = len(b["pref1"])
         fresh_idx = torch.arange(P_fresh, device=self.device)
         with torch.no_grad():  # at theta_old: held-out accuracy of h on the fresh labels, and the shift weights
