@@ -58,7 +58,6 @@ class AgentConfig:
 class Agent:
     """Base of every algorithm (the only class between an agent and ``object``)."""
 
-    algo = "base"
     config_cls = AgentConfig
 
     def __init__(self, config: AgentConfig, env: VecEnv, seed: int, device: str = "cpu", oracle=None, total_steps: int = 1) -> None:
