@@ -79,7 +79,7 @@ def run_tournament(out: Path, env: str, seed: int, episodes: int) -> dict:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     order = {n.split("=")[0]: k for k, n in enumerate(AGENTS)}
     runs.sort(key=lambda r: order.get(r["agent"], len(order)))
-    ref = ref_folder(runs[0]["folder"], env, seed)
+    ref = ref_folder(next(r["folder"] for r in runs if r["agent"] == "sail-revkl"), env, seed)
     t = time.perf_counter()
     res = tournament([r["folder"] for r in runs] + [str(ref)], env, episodes=episodes, segment_len=50, deterministic=False)
     names = [r["agent"] for r in runs] + ["reference"]
@@ -94,11 +94,20 @@ def run_tournament(out: Path, env: str, seed: int, episodes: int) -> dict:
 
 
 def ref_folder(run_folder: str, env: str, seed: int) -> Path:
-    """The reference a run started from: its ``agent.ref`` resolved as training did (shipped, or cached)."""
-    from rl_align.agents.sail import auto_reference
-    from rl_align.runs import load_run_config
+    """A run folder that plays the reference a fixed-reference run started from: the run's config and a
+    checkpoint whose policy is its ``ref_policy`` (so its KL to the initial reference is 0 exactly)."""
+    import shutil
 
-    return Path(auto_reference(load_run_config(Path(run_folder))))
+    from rl_align.runs import load_checkpoint, save_checkpoint
+
+    src, dst = Path(run_folder), Path(run_folder).parent.parent / "reference" / f"from-{Path(run_folder).name}"
+    if not (dst / "checkpoints" / "last.pt").exists():
+        (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / "config.yaml", dst / "config.yaml")
+        state = load_checkpoint(src)
+        state["policy"] = state["ref_policy"]
+        save_checkpoint(dst / "checkpoints" / "last.pt", state)
+    return dst
 
 
 def hier_bootstrap(per_seed: list[np.ndarray], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
