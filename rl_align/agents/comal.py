@@ -17,9 +17,11 @@ units of SAIL-RevKL's lambda and of the trajectory log-ratios below). Two compon
   The statistic it watches is the iterate's distance from the prox centre, ``KL(mu_k || pi_ref^t)`` per
   state on the rollout (``train/kl_ref``): the mirror-descent iterates of the regularized game converge
   to its solution, which lies at a fixed distance from the centre, so the KL rises after a reset and
-  then stops changing. (The inner objective itself, logged as ``comal/inner_objective``, was measured
-  too noisy for this on HalfCheetah: INPO's relative residual stayed at 1.0 +- 0.25 over 15 updates at
-  tau 0.05 while the KL saturated after ~8; benchmarks/results_comal.md.) Every reset is logged
+  then stops changing. (The inner objective itself, logged as ``comal/inner_objective``, cannot tell on
+  HalfCheetah: INPO's relative residual ``-L/L_0`` was -1.09 +- 0.23 over updates 2-20 at tau 0.05, no
+  trend, while the KL saturated after ~10 updates; single 50-step log-ratios are dominated by action
+  noise. benchmarks/results_comal.md.) So a reset means "the inner solver stopped moving", the
+  stationarity of the regularized iteration, not a measured equilibrium. Every reset is logged
   (``comal/reset``, ``comal/reset_plateau``, ``comal/outer_updates``).
 
 With both resets off (``inner_updates = 0``, ``plateau_window = 0``) COMAL is exactly its inner solver.
@@ -107,6 +109,8 @@ class ReferenceSchedule:
         return {"resets": self.resets, "steps": self.steps, "values": list(self.values)}
 
     def load_state_dict(self, state: dict) -> None:
+        if "inner_step" in state:  # a checkpoint written before the schedule was a component (same quantities)
+            state = {"resets": state["resets"], "steps": state["inner_step"], "values": state["inner_values"]}
         self.resets, self.steps, self.values = int(state["resets"]), int(state["steps"]), [float(v) for v in state["values"]]
 
 
