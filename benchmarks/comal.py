@@ -25,6 +25,7 @@ Stage 3 (``--table OUT...``): over seeds, each COMAL-row cell with a hierarchica
     nice -n 10 python benchmarks/comal.py --steps 300000 --seed 0 --out runs/bench-comal-300k-s0
     nice -n 10 python benchmarks/comal.py --tournament --out runs/bench-comal-300k-s0
     python benchmarks/comal.py --table runs/bench-comal-300k-s0 runs/bench-comal-300k-s1 runs/bench-comal-300k-s2
+    python benchmarks/comal.py --curves runs/bench-comal-300k-s0 ... --curves-out docs/comal/curves_300k.png
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def table(outs: list[Path]) -> None:
             lo, hi = hier_bootstrap([e[i, j] for e in ep], seed=i * K + j)
             cells.append(f"{100 * win[:, i, j].mean():.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
         off = [j for j in range(K) if j != i]
-        kl_txt = "–" if np.isnan(kl[:, i]).all() else " / ".join(f"{v:.1f}" for v in kl[:, i])
+        kl_txt = "–" if np.isnan(kl[:, i]).all() else " / ".join(f"{v:.3g}" for v in kl[:, i])
         print(f"| {a} | " + " | ".join(cells) + f" | {100 * win[:, i, off].mean(0).min():.1f} | {100 * win[:, i, off].mean():.1f} | {kl_txt} |")
     if "comal" not in names:
         return
@@ -161,6 +162,37 @@ def table(outs: list[Path]) -> None:
     print(f"\nrow minimum over seed-mean cells: " + ", ".join(f"{a} {100 * m:.1f}" for a, m in mins.items()) + f"; highest: {best}")
 
 
+def plot_curves(outs: list[Path], path: Path) -> None:
+    """Win rate against the initial reference and KL to it over training, one column per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(outs), figsize=(5 * len(outs), 7), squeeze=False)
+    for col, out in enumerate(outs):
+        runs = [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*.json"))]
+        for r in runs:
+            for row, key in enumerate(("eval/win_rate_vs_ref", "eval/kl_to_ref")):
+                pts = r["curves"].get(key) or []
+                if pts:
+                    x, y = zip(*pts)
+                    axes[row][col].plot(x, y, marker=".", label=r["agent"])
+            for x in r.get("reset_steps", []) if r["agent"] == "comal" else []:
+                axes[0][col].axvline(x, color="grey", lw=0.5, alpha=0.5)
+        axes[0][col].set_title(f"{Path(out).name} (grey: COMAL resets)")
+        axes[0][col].axhline(0.5, color="k", lw=0.8, ls=":")
+        axes[0][col].set_ylabel("win rate vs initial reference")
+        axes[1][col].set_ylabel("KL(pi || initial reference) per state")
+        axes[1][col].set_yscale("log")
+        axes[1][col].set_xlabel("env steps")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", default="halfcheetah-cyclic")
@@ -174,9 +206,13 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-comal")
     p.add_argument("--tournament", action="store_true", help="only play the tournament of the finished agents in --out")
     p.add_argument("--table", nargs="+", type=Path, metavar="OUT", help="only print the tables over these --out folders (one per seed)")
+    p.add_argument("--curves", nargs="+", type=Path, metavar="OUT", help="only plot the curves of these --out folders into --curves-out")
+    p.add_argument("--curves-out", type=Path, default=Path("docs/comal/curves_300k.png"))
     args = p.parse_args()
     if args.table:
         return table(args.table)
+    if args.curves:
+        return plot_curves(args.curves, args.curves_out)
     out = Path(args.out)
     if args.tournament:
         run_tournament(out, args.env, args.seed, args.episodes)
