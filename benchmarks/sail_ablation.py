@@ -97,7 +97,7 @@ def overhead(repeats: int) -> None:
         b = agent._batch()
         idx = torch.arange(min(len(b["pref1"]), agent.config.diag_pairs))
         params = list(agent.policy.parameters())
-        objective = lambda: agent.objective(agent.objective_terms(b, idx, 0.0))  # noqa: E731
+        objective = lambda: agent.loss.objective(agent.loss.terms(b, idx))  # noqa: E731
         for key, every in (("pl", 0), ("pl+curvature", 1)):
             agent.diagnostics.config.curvature_every = every
             agent.diagnostics.measurements = 0

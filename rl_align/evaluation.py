@@ -6,7 +6,8 @@ training-time evaluation and of ``rl-align eval <run folder>`` (one vocabulary, 
 episodes over the cost limit); then ``violation`` = ``max(0, cost - d)`` of the first mode evaluated,
 ``length``, ``episodes``; and, for an agent with a reference (``agent.reference()``), the win rate of its
 segments against the reference's matched segments under the run's oracle (``win_rate_vs_ref``) and the
-per-state ``KL(pi || pi_ref)`` on the states of those stochastic evaluation rollouts (``kl_to_ref``). Videos are rendered offscreen by
+per-state ``KL(pi || pi_ref)`` on the states of those stochastic evaluation rollouts (``kl_to_ref``; and
+``kl_to_current_ref`` to a reference that moves, COMAL's prox centre). Videos are rendered offscreen by
 MuJoCo; with ``MUJOCO_GL`` unset on a headless Linux machine the backend (EGL, then OSMesa) is chosen by
 :func:`rl_align.envs.backend.choose_gl`.
 """
@@ -137,9 +138,17 @@ def eval_metrics(agent: Agent, cfg: RunConfig, episodes: int | None = None, seed
         p, _ = matched_preferences(mine, rollout_segments(agent, cfg.env, c.win_rate_episodes, c.segment_len, seed, policy=ref), judge)
         m["eval/win_rate_vs_ref"] = float(p.mean()) if len(p) else float("nan")
         obs = torch.as_tensor(agent.normalize(np.concatenate([s["obs"] for s in mine.values()])), device=agent.device) if mine else None
-        with torch.no_grad():  # per state, on the states of the agent's evaluation windows (fresh, unlike train/kl_ref's)
-            m["eval/kl_to_ref"] = float(gaussian_kl(agent.policy.mean(obs), agent.policy.log_std, ref.mean(obs), ref.log_std).mean()) if mine else float("nan")
+        # per state, on the states of the agent's evaluation windows (fresh, unlike train/kl_ref's)
+        for key, other in (("eval/kl_to_ref", ref), ("eval/kl_to_current_ref", agent.moving_reference())):
+            if other is not None:
+                m[key] = policy_kl(agent.policy, other, obs) if mine else float("nan")
     return m
+
+
+def policy_kl(policy: torch.nn.Module, other: torch.nn.Module, obs: torch.Tensor) -> float:
+    """``KL(policy || other)`` per state, averaged over normalized states ``obs``."""
+    with torch.no_grad():
+        return float(gaussian_kl(policy.mean(obs), policy.log_std, other.mean(obs), other.log_std).mean())
 
 
 def load_agent(folder: Path):

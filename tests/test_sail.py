@@ -41,7 +41,7 @@ def test_revkl_zero_is_exactly_sail_and_kl_matches_closed_form():
     params = list(agent.policy.parameters())
     M = len(b["obs"])
     b["shift_w"] = torch.linspace(-1, 1, M)  # any weights fixed at theta_old
-    J0 = agent.objective(agent.objective_terms(b, idx))
+    J0 = agent.loss.objective(agent.loss.terms(b, idx))
     # SAIL by hand: logp from torch.distributions, h = beta sum(logp - logp_ref), both gradient parts
     dist = torch.distributions.Normal(agent.policy.mean(b["obs"]), agent.policy.log_std.exp())
     logp = dist.log_prob(b["actions"]).sum(-1) * b["mask"]  # [M, H]
@@ -57,7 +57,7 @@ def test_revkl_zero_is_exactly_sail_and_kl_matches_closed_form():
 
     # the reverse-KL term: torch's own Normal-Normal KL summed over each segment's steps, mean over segments
     agent.config.revkl_coef = 0.3
-    J = agent.objective(agent.objective_terms(b, idx))
+    J = agent.loss.objective(agent.loss.terms(b, idx))
     ref = torch.distributions.Normal(agent.ref_policy.mean(b["obs"]), agent.ref_policy.log_std.exp())
     cur = torch.distributions.Normal(agent.policy.mean(b["obs"]), agent.policy.log_std.exp())
     kl = (torch.distributions.kl_divergence(cur, ref).sum(-1) * b["mask"]).sum(-1).mean()
@@ -69,7 +69,7 @@ def test_revkl_zero_is_exactly_sail_and_kl_matches_closed_form():
 
 def test_mean_only_kl_leaves_log_std_alone():
     agent, b = _agent_with_batch(1.0, revkl_std=False)
-    kl = agent.objective_terms(b, torch.arange(len(b["pref1"])))["revkl"]
+    kl = agent.loss.terms(b, torch.arange(len(b["pref1"])))["revkl"]
     g = torch.autograd.grad(kl, agent.policy.log_std, allow_unused=True)[0]
     assert g is None or float(g.abs().max()) == 0.0
 

@@ -107,6 +107,10 @@ class Agent:
         """The policy evaluation measures this agent against (win rate, KL): pi_ref, or None."""
         return None
 
+    def moving_reference(self) -> torch.nn.Module | None:
+        """A reference that moves during training (COMAL's prox centre), for ``eval/kl_to_current_ref``; or None."""
+        return None
+
     # ---- acting ---------------------------------------------------------------------------------
     def normalize(self, raw_obs: np.ndarray) -> np.ndarray:
         return self.obs_rms.normalize(raw_obs) if self.config.normalize_obs else raw_obs.astype(np.float32)

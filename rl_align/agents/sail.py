@@ -87,6 +87,14 @@ class SAILConfig(AgentConfig):
         if self.diag_pairs < 2 or self.win_rate_episodes < 1:
             raise UserError("agent.diag_pairs must be >= 2 and agent.win_rate_episodes >= 1")
 
+    def make_loss(self, agent) -> "SAILLoss":
+        """The objective component (COMALConfig returns its inner solver's)."""
+        return SAILLoss(agent)
+
+    def make_schedule(self, agent):
+        """The reference schedule component: none, pi_ref stays fixed (COMALConfig returns its outer loop)."""
+        return None
+
 
 def implicit_reward(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """``h(s) = beta * sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)]`` over the real steps, ``[M]`` from ``[M, H]``."""
@@ -171,6 +179,81 @@ class PairStore:
         self.rollouts = [dict(r) for r in state["rollouts"]]
 
 
+class SAILLoss:
+    """SAIL(-RevKL)'s objective on a batch of labelled pairs: its terms, ``J``, the per-term gradient
+    diagnostics and the fixed-batch ``f`` of the PL diagnostics. A component of the preference agent:
+    COMAL's INPO loss (rl_align.agents.comal) has the same interface and takes its place."""
+
+    def __init__(self, agent: "SAIL") -> None:
+        self.agent = agent
+
+    def prepare(self, b: dict) -> float:
+        """Called on each fresh batch before the update; a statistic of it at theta_old (none for SAIL)."""
+        return float("nan")
+
+    def terms(self, b: dict, idx: torch.Tensor, policy=None) -> dict[str, torch.Tensor]:
+        """The terms of J on the pairs ``idx`` of batch ``b``: ``dpo`` (mean log sigmoid), ``shift`` (on
+        the fresh segments, with the weights ``b["shift_w"]`` fixed at theta_old; 0 without them),
+        ``revkl`` (segment-summed reverse KL, mean over the fresh segments) and ``bc``."""
+        a, c = self.agent, self.agent.config
+        policy = policy if policy is not None else a.policy
+        i, j, pref1 = b["i"][idx], b["j"][idx], b["pref1"][idx]
+        n_fresh = int(b.get("n_fresh_segments", len(b["obs"])))
+        fresh = torch.arange(n_fresh, device=a.device)
+        seg_idx = torch.cat([i, j, fresh]).unique()
+        logp, dist = a.segment_logp(b, seg_idx, policy)
+        h = implicit_reward(logp, b["ref_logp"], b["mask"], c.beta)
+        w_idx, l_idx = torch.where(pref1 > 0.5, i, j), torch.where(pref1 > 0.5, j, i)
+        logsig = dpo_term(h[w_idx], h[l_idx], c.loser_weight)
+        terms = {"dpo": logsig.mean(), "logsig": logsig, "logp": logp, "h": h}
+        terms["bc"] = logp[w_idx].sum(-1).mean()  # winners' segment log-likelihood
+        if "shift_w" in b:
+            shift = shift_term(logp[:n_fresh], b["old_logp"][:n_fresh], b["mask"][:n_fresh], b["shift_w"], c.clip)
+            terms["shift"] = shift / n_fresh if c.normalize_shift else shift
+        else:
+            terms["shift"] = torch.zeros((), device=a.device)
+        pos = torch.searchsorted(seg_idx, fresh)  # rows of the fresh segments in `dist`
+        ref_mu = b.get("ref_mu")  # pi_ref's mean on the fresh states: fixed during an update, computed once
+        if ref_mu is None:
+            with torch.no_grad():
+                ref_mu = a.ref_policy.mean(b["obs"][fresh])
+        kl_steps = gaussian_kl(dist.loc[pos], policy.log_std, ref_mu, a.ref_policy.log_std, std_part=c.revkl_std)  # [M, H]
+        terms["revkl"] = segment_kl(kl_steps, b["mask"][:n_fresh]).mean()
+        return terms
+
+    def objective(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``J = dpo + shift_coef * shift - revkl_coef * KL_seg (+ bc_coef * bc)`` (SAIL-RevKL; revkl_coef = 0 is SAIL)."""
+        c = self.agent.config
+        return terms["dpo"] + c.shift_coef * terms["shift"] - c.revkl_coef * terms["revkl"] + c.bc_coef * terms["bc"]
+
+    def fixed_batch_objective(self, b: dict, idx: torch.Tensor):
+        """``f(policy)``: the SAIL(-RevKL) objective on a fixed batch of pairs, where the sampling
+        distribution does not move, so its value and gradient are of one function (PL diagnostics)."""
+        c = self.agent.config
+        return lambda policy: (lambda t: t["dpo"] - c.revkl_coef * t["revkl"])(self.terms(b, idx, policy))
+
+    def term_gradients(self, b: dict, idx: torch.Tensor) -> dict[str, float]:
+        """Norms of each term's contribution to the update's gradient and the DPO / shift cosine (``grad/``)."""
+        a, c = self.agent, self.agent.config
+        params = list(a.policy.parameters())
+        terms = self.terms(b, idx)
+        parts = {"dpo": terms["dpo"], "shift": c.shift_coef * terms["shift"], "revkl": -c.revkl_coef * terms["revkl"]}
+        if c.bc_coef > 0:
+            parts["bc"] = c.bc_coef * terms["bc"]
+        if a.lagrangian is not None:  # the cost surrogate draws steps from a.rng: leave the training stream as it was
+            state = a.rng.bit_generator.state
+            parts["cost"] = -a.lagrangian.sail_cost_loss(a, a.buffer.flat(a.device), 1)
+            a.rng.bit_generator.state = state
+        grads = {k: flat_grad(v, params, retain_graph=True) if v.requires_grad else torch.zeros(sum(p.numel() for p in params)) for k, v in parts.items()}
+        out = {f"grad/{k}": float(g.norm()) for k, g in grads.items()}
+        if out["grad/shift"] > 0 and out["grad/dpo"] > 0:  # (no direction to compare when a part is exactly 0)
+            out["grad/cos_dpo_shift"] = float(F.cosine_similarity(grads["dpo"], grads["shift"], dim=0))
+        if out["grad/dpo"] > 0:
+            out["grad/revkl_over_dpo"] = out["grad/revkl"] / out["grad/dpo"]
+        return out
+
+
+
 @register("sail")
 class SAIL(Agent):
     config_cls = SAILConfig
@@ -184,9 +267,23 @@ class SAIL(Agent):
         c = self.config
         self.diagnostics = PLDiagnostics(DiagnosticsConfig(every=c.curvature_every, f_star=c.f_star))
         self.store = PairStore(c.replay)
+        self.loss = c.make_loss(self)  # SAILLoss; COMAL's INPO loss
+        self.schedule = c.make_schedule(self)  # None; COMAL's reference schedule (moves pi_ref between updates)
 
     def modules(self) -> dict:
-        return {**super().modules(), "ref_policy": self.ref_policy, "diagnostics": self.diagnostics, "store": self.store}
+        extra = self.schedule.modules() if self.schedule is not None else {}
+        return {**super().modules(), "ref_policy": self.ref_policy, "diagnostics": self.diagnostics, "store": self.store, **extra}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.schedule is not None:
+            state["schedule"] = self.schedule.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"] if "schedule" in state else state["comal"])  # "comal": older checkpoints
 
     # ---- the reference policy ---------------------------------------------------------------------
     def start_spec(self) -> str | None:
@@ -201,9 +298,15 @@ class SAIL(Agent):
             self.load_start(start, source)
             self.freeze_obs_rms = True
         self.ref_policy.load_state_dict(self.policy.state_dict())
+        if self.schedule is not None:
+            self.schedule.prepare(self)
 
     def reference(self) -> torch.nn.Module:
-        return self.ref_policy
+        """pi_ref; with a reference schedule, the reference the run started from."""
+        return self.schedule.reference() if self.schedule is not None else self.ref_policy
+
+    def moving_reference(self) -> torch.nn.Module | None:
+        return self.ref_policy if self.schedule is not None else None
 
     # ---- the batch --------------------------------------------------------------------------------
     def _batch(self) -> dict[str, torch.Tensor] | None:
@@ -250,67 +353,6 @@ class SAIL(Agent):
         logp = torch.zeros(b["obs"].shape[:2], device=self.device).index_put((seg_idx,), logp_seg)
         return logp, dist
 
-    def objective_terms(self, b: dict, idx: torch.Tensor, policy=None) -> dict[str, torch.Tensor]:
-        """The terms of J on the pairs ``idx`` of batch ``b``: ``dpo`` (mean log sigmoid), ``shift`` (on
-        the fresh segments, with the weights ``b["shift_w"]`` fixed at theta_old; 0 without them),
-        ``revkl`` (segment-summed reverse KL, mean over the fresh segments) and ``bc``."""
-        c = self.config
-        policy = policy if policy is not None else self.policy
-        i, j, pref1 = b["i"][idx], b["j"][idx], b["pref1"][idx]
-        n_fresh = int(b.get("n_fresh_segments", len(b["obs"])))
-        fresh = torch.arange(n_fresh, device=self.device)
-        seg_idx = torch.cat([i, j, fresh]).unique()
-        logp, dist = self.segment_logp(b, seg_idx, policy)
-        h = implicit_reward(logp, b["ref_logp"], b["mask"], c.beta)
-        w_idx, l_idx = torch.where(pref1 > 0.5, i, j), torch.where(pref1 > 0.5, j, i)
-        logsig = dpo_term(h[w_idx], h[l_idx], c.loser_weight)
-        terms = {"dpo": logsig.mean(), "logsig": logsig, "logp": logp, "h": h}
-        terms["bc"] = logp[w_idx].sum(-1).mean()  # winners' segment log-likelihood
-        if "shift_w" in b:
-            shift = shift_term(logp[:n_fresh], b["old_logp"][:n_fresh], b["mask"][:n_fresh], b["shift_w"], c.clip)
-            terms["shift"] = shift / n_fresh if c.normalize_shift else shift
-        else:
-            terms["shift"] = torch.zeros((), device=self.device)
-        pos = torch.searchsorted(seg_idx, fresh)  # rows of the fresh segments in `dist`
-        ref_mu = b.get("ref_mu")  # pi_ref's mean on the fresh states: fixed during an update, computed once
-        if ref_mu is None:
-            with torch.no_grad():
-                ref_mu = self.ref_policy.mean(b["obs"][fresh])
-        kl_steps = gaussian_kl(dist.loc[pos], policy.log_std, ref_mu, self.ref_policy.log_std, std_part=c.revkl_std)  # [M, H]
-        terms["revkl"] = segment_kl(kl_steps, b["mask"][:n_fresh]).mean()
-        return terms
-
-    def objective(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``J = dpo + shift_coef * shift - revkl_coef * KL_seg (+ bc_coef * bc)`` (SAIL-RevKL; revkl_coef = 0 is SAIL)."""
-        c = self.config
-        return terms["dpo"] + c.shift_coef * terms["shift"] - c.revkl_coef * terms["revkl"] + c.bc_coef * terms["bc"]
-
-    def fixed_batch_objective(self, b: dict, idx: torch.Tensor):
-        """``f(policy)``: the SAIL(-RevKL) objective on a fixed batch of pairs, where the sampling
-        distribution does not move, so its value and gradient are of one function (PL diagnostics)."""
-        c = self.config
-        return lambda policy: (lambda t: t["dpo"] - c.revkl_coef * t["revkl"])(self.objective_terms(b, idx, policy))
-
-    # ---- diagnostics ------------------------------------------------------------------------------
-    def term_gradients(self, b: dict, idx: torch.Tensor) -> dict[str, float]:
-        """Norms of each term's contribution to the update's gradient and the DPO / shift cosine (``grad/``)."""
-        c, params = self.config, list(self.policy.parameters())
-        terms = self.objective_terms(b, idx)
-        parts = {"dpo": terms["dpo"], "shift": c.shift_coef * terms["shift"], "revkl": -c.revkl_coef * terms["revkl"]}
-        if c.bc_coef > 0:
-            parts["bc"] = c.bc_coef * terms["bc"]
-        if self.lagrangian is not None:  # the cost surrogate draws steps from self.rng: leave the training stream as it was
-            state = self.rng.bit_generator.state
-            parts["cost"] = -self.lagrangian.sail_cost_loss(self, self.buffer.flat(self.device), 1)
-            self.rng.bit_generator.state = state
-        grads = {k: flat_grad(v, params, retain_graph=True) if v.requires_grad else torch.zeros(sum(p.numel() for p in params)) for k, v in parts.items()}
-        out = {f"grad/{k}": float(g.norm()) for k, g in grads.items()}
-        if out["grad/shift"] > 0 and out["grad/dpo"] > 0:  # (no direction to compare when a part is exactly 0)
-            out["grad/cos_dpo_shift"] = float(F.cosine_similarity(grads["dpo"], grads["shift"], dim=0))
-        if out["grad/dpo"] > 0:
-            out["grad/revkl_over_dpo"] = out["grad/revkl"] / out["grad/dpo"]
-        return out
-
     # ---- the update -------------------------------------------------------------------------------
     def update(self, episodes: list[tuple[float, float, int]]) -> dict[str, float]:
         c = self.config
@@ -323,7 +365,8 @@ class SAIL(Agent):
         self.updates += 1
         if fresh is None:  # no valid pair: skip, or Adam's momentum would still move the weights
             metrics["train/skipped"] = 1.0
-            return metrics
+            return self._scheduled(metrics, float("nan"))
+        f = self.loss.prepare(fresh)
         M, P_fresh = len(fresh["obs"]), len(fresh["pref1"])
         b = self._with_replay(fresh)
         b["n_fresh_segments"] = M
@@ -332,15 +375,15 @@ class SAIL(Agent):
         P = len(b["pref1"])
         fresh_idx = torch.arange(P_fresh, device=self.device)
         with torch.no_grad():  # at theta_old: held-out accuracy of h on the fresh labels, and the shift weights
-            t0 = self.objective_terms(b, fresh_idx)
+            t0 = self.loss.terms(b, fresh_idx)
             metrics["pref/heldout_accuracy"] = pair_accuracy(t0["h"][fresh["i"]], t0["h"][fresh["j"]], fresh["pref1"])
             b["shift_w"] = shift_weights(fresh["i"], fresh["j"], t0["logsig"], M, c.baseline, c.normalize_shift)
         params = list(self.policy.parameters())
         d_idx = fresh_idx[: c.diag_pairs]
         if c.diag_every > 0 and (self.updates - 1) % c.diag_every == 0:
-            metrics.update(self.term_gradients(b, d_idx))
+            metrics.update(self.loss.term_gradients(b, d_idx))
         if self.diagnostics.due(self.updates - 1):
-            metrics.update(self.diagnostics.measure(self.fixed_batch_objective(b, d_idx), self.policy))
+            metrics.update(self.diagnostics.measure(self.loss.fixed_batch_objective(b, d_idx), self.policy))
         before = torch.nn.utils.parameters_to_vector(params).detach().clone()
         flat = self.buffer.flat(self.device) if self.lagrangian is not None else None
         stats = {k: [] for k in ("dpo", "shift", "revkl", "grad_norm", "approx_kl")}
@@ -348,8 +391,8 @@ class SAIL(Agent):
         stop, epochs_run = False, 0
         for _ in range(c.epochs):
             for idx in self.minibatches(P, c.minibatch):
-                terms = self.objective_terms(b, idx)
-                loss = -self.objective(terms)
+                terms = self.loss.terms(b, idx)
+                loss = -self.loss.objective(terms)
                 if self.lagrangian is not None:
                     loss = loss + self.lagrangian.sail_cost_loss(self, flat, n_mb)
                 stats["grad_norm"].append(self.step_optimizer(loss))
@@ -367,7 +410,7 @@ class SAIL(Agent):
                 break
         self.store.add(fresh)
         with torch.no_grad():
-            h = self.objective_terms(b, fresh_idx)["h"]
+            h = self.loss.terms(b, fresh_idx)["h"]
             metrics["pref/train_accuracy"] = pair_accuracy(h[fresh["i"]], h[fresh["j"]], fresh["pref1"])
             kl_ref = float(self.kl_to_ref(torch.as_tensor(self.buffer.obs.reshape(-1, self.buffer.obs.shape[-1]), device=self.device)))
             entropy = float(self.policy.dist(torch.as_tensor(self.buffer.obs[0], device=self.device)).entropy().sum(-1).mean())
@@ -381,6 +424,12 @@ class SAIL(Agent):
             "train/epochs": float(epochs_run), "train/kl_ref": kl_ref, "train/entropy": entropy, "train/update_norm": update_norm,
             "train/log_std": self.policy.log_std.mean().item(), "pref/oracle_agreement": fresh["oracle_agreement"],
         })
+        return self._scheduled(metrics, f)
+
+    def _scheduled(self, metrics: dict[str, float], f: float) -> dict[str, float]:
+        """After the update, the reference schedule (if any) may move pi_ref; ``f`` is the loss's statistic."""
+        if self.schedule is not None:
+            metrics.update(self.schedule.after_update(self, metrics, f))
         return metrics
 
     def kl_to_ref(self, obs: torch.Tensor) -> torch.Tensor:
