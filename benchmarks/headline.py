@@ -67,7 +67,7 @@ def curve(rows: list[dict], x_key: str) -> list[tuple[float, float]]:
 
 
 def run_one(env: str, agent: str, seed: int, steps: int, queries: int, eval_every: int, out_dir: str, revkl_coef: float) -> dict:
-    from rl_align.agents.sail import auto_reference
+    from rl_align.train import auto_reference
     from rl_align.runs import resolve_config
     from rl_align.train import train
 
@@ -98,7 +98,7 @@ def win_rate_vs_ref(folder, ref, cfg, seed: int) -> float:
     50-step windows of stochastic rollouts of the policy and the reference on the same env seeds."""
     from rl_align.envs.oracles import Oracle
     from rl_align.evaluation import load_agent
-    from rl_align.train import win_rate
+    from rl_align.evaluation import win_rate
 
     _, trained = load_agent(folder)
     _, ref_agent = load_agent(ref)

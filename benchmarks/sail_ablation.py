@@ -49,7 +49,7 @@ def run_one(variant: str, env: str, seed: int, steps: int, eval_episodes: int, o
     common = ["run.progress=false", f"run.out_dir={out_dir}", f"run.eval_episodes={eval_episodes}", "run.eval_every=0"]
     sets = VARIANTS[variant]
     if sets is None:
-        from rl_align.agents.sail import auto_reference
+        from rl_align.train import auto_reference
 
         sail_cfg = resolve_config(env, "sail-revkl", common, steps=steps, seed=seed)
         ref_summary = json.load(open(auto_reference(sail_cfg) / "summary.json"))["final"]
@@ -80,23 +80,24 @@ def overhead(repeats: int) -> None:
 
     from rl_align.agents.base import EpisodeTracker
     from rl_align.runs import resolve_config
-    from rl_align.train import build_agent
+    from rl_align.runs import build_agent
+    from rl_align.train import prepare
 
     torch.set_num_threads(1)
     cfg = resolve_config("halfcheetah-pref", "sail-revkl", ["agent.ref=init", "agent.diag_every=0", "run.progress=false"], seed=0)
     agent, env = build_agent(cfg)
-    agent.prepare(cfg)
+    prepare(agent, cfg)
     obs, tracker = env.reset(), EpisodeTracker(env.n_envs)
     times = {"update": [], "pl": [], "pl+curvature": []}
     for _ in range(repeats):
         obs = agent.collect(env, obs, tracker)
         t0 = time.perf_counter()
-        agent.update()
+        agent.update(tracker.pop())
         times["update"].append(time.perf_counter() - t0)
         b = agent._batch()
         idx = torch.arange(min(len(b["pref1"]), agent.config.diag_pairs))
         params = list(agent.policy.parameters())
-        objective = lambda: agent.objective(agent.objective_terms(b, idx, 0.0))  # noqa: E731
+        objective = lambda: agent.loss.objective(agent.loss.terms(b, idx))  # noqa: E731
         for key, every in (("pl", 0), ("pl+curvature", 1)):
             agent.diagnostics.config.curvature_every = every
             agent.diagnostics.measurements = 0

@@ -41,7 +41,7 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
 def run_one(env: str, seed: int, variant: str, steps: int, out_dir: str, extra: list[str]) -> dict:
     import torch
 
-    from rl_align.agents.sail import auto_reference
+    from rl_align.train import auto_reference
     from rl_align.runs import resolve_config
     from rl_align.train import train
 

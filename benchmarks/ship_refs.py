@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from rl_align.agents.sail import auto_reference
-    from rl_align.runs import load_checkpoint, resolve_config
+    from rl_align.train import auto_reference
+    from rl_align.checkpoints import load_checkpoint
+    from rl_align.runs import resolve_config
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--envs", nargs="+", default=["halfcheetah-pref", "hopper-pref", "walker2d-pref"])

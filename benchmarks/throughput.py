@@ -24,20 +24,19 @@ import torch
 
 def ours(steps: int, agent: str, env: str, sets: list[str]) -> float:
     from rl_align.runs import resolve_config
-    from rl_align.train import build_agent
+    from rl_align.runs import build_agent
+    from rl_align.train import prepare
     from rl_align.agents.base import EpisodeTracker
 
     cfg = resolve_config(env, agent, ["run.progress=false", *sets], steps=steps)
     agent_obj, venv = build_agent(cfg)
-    if hasattr(agent_obj, "prepare"):
-        agent_obj.prepare(cfg)
+    prepare(agent_obj, cfg)
     tracker = EpisodeTracker(venv.n_envs)
     obs = venv.reset()
     t = time.perf_counter()
     while agent_obj.env_steps < steps:
         obs = agent_obj.collect(venv, obs, tracker)
-        agent_obj.last_episodes = tracker.pop()
-        agent_obj.update()
+        agent_obj.update(tracker.pop())
     return agent_obj.env_steps / (time.perf_counter() - t)
 
 

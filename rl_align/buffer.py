@@ -60,6 +60,7 @@ class Segments:
     costs: np.ndarray  # [M, H]
     features: np.ndarray  # [M, H, 3]
     mask: np.ndarray  # [M, H] bool: True on real steps, False on the absorbing padding after a fall
+    raw_obs: np.ndarray  # [M, H, obs_dim] before normalization (padding repeats the last real state, as obs does)
 
     def __len__(self) -> int:
         return len(self.env)
@@ -153,6 +154,7 @@ class RolloutBuffer:
         return Segments(
             env, start, self.obs[t_idx, n_idx], self.actions[t_idx, n_idx], zero(self.logp[t_idx, n_idx]),
             zero(self.rewards[t_idx, n_idx]), zero(self.costs[t_idx, n_idx]), zero(self.features[t_idx, n_idx]), mask,
+            self.raw_obs[t_idx, n_idx],
         )
 
     @staticmethod

@@ -29,19 +29,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def print_summary(folder, summary: dict) -> None:
     """What the run achieved, over how many evaluation episodes, and where its logs are."""
-    i, f = summary["initial"], summary["final"]
+    from rl_align.evaluation import SUMMARY, print_metrics
+
     n = summary.get("eval_episodes", "?")
-    print(f"\n{summary['agent']} on {summary['env']} (seed {summary['seed']}): {summary['env_steps']:,} env steps in {summary['wall_time_s']:.0f} s")
-    print(f"  {'':<24}{'start':>16}  {'end':>16}   (mean ± std over {n} episodes each)")
-    for mode, label in (("stoch", "return (stochastic)"), ("det", "return (deterministic)")):
-        a, b = (f"{d[f'eval/return_{mode}']:9.1f} ± {d.get(f'eval/return_{mode}_std', float('nan')):<5.0f}" for d in (i, f))
-        print(f"  {label:<24}{a:>16}  {b:>16}")
-    print(f"  {'episode cost (det)':<24}{i['eval/cost_det']:>9.1f}{'':7}  {f['eval/cost_det']:>9.1f}")
-    for key, label in (("eval/win_rate_vs_ref", "win rate vs reference"), ("eval/kl_to_ref", "KL to reference (per state)")):
-        if key in f:
-            print(f"  {label:<28}{'':>12}  {f[key]:>9.3f}")
+    print(f"\n{summary['agent']} on {summary['env']} (seed {summary['seed']}): {summary['env_steps']:,} env steps in {summary['wall_time_s']:.0f} s"
+          f" (evaluation: mean ± std over {n} episodes each)")
+    print_metrics({"start": summary["initial"], "end": summary["final"]}, keys=SUMMARY)
     if summary.get("queries_used"):
-        print(f"  {'preference queries':<28}{'':>12}  {summary['queries_used']:>9,d}")
+        print(f"  {'preference queries':<24}{'':>18}{summary['queries_used']:>10,d}")
     for note in summary.get("notes", []):
         print(f"  note: {note}")
     print(f"  logs: {folder}   (tensorboard --logdir {folder}/tb)")

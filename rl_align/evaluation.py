@@ -1,27 +1,158 @@
-"""``rl-align eval <run folder>``: evaluate a checkpoint on fresh envs, optionally with a video.
+"""Evaluation, in one place: episodes on fresh envs, matched-window win rates, the ``eval/`` metrics of
+training-time evaluation and of ``rl-align eval <run folder>`` (one vocabulary, one printer), and videos.
 
-Return, episode cost, violation ``max(0, Jc - d)``, share of episodes over the cost budget, and the
-agent's extra metrics (win rate against the reference under the run's oracle, KL to the reference) when
-it has them. Videos are rendered offscreen by MuJoCo; with ``MUJOCO_GL`` unset on a headless Linux machine
-the backend (EGL, then OSMesa) is chosen by :func:`rl_align.envs.backend.choose_gl`.
+``eval/`` metrics, per mode (``det``: the mean action, ``stoch``: sampled actions): ``return_<mode>`` with
+``_std`` (std over the episodes), ``_min``, ``_max``; ``cost_<mode>``, ``over_budget_<mode>`` (share of
+episodes over the cost limit); then ``violation`` = ``max(0, cost - d)`` of the first mode evaluated,
+``length``, ``episodes``; and, for an agent with a reference (``agent.reference()``), the win rate of its
+segments against the reference's matched segments under the run's oracle (``win_rate_vs_ref``) and the
+per-state ``KL(pi || pi_ref)`` on the states of those stochastic evaluation rollouts (``kl_to_ref``; and
+``kl_to_current_ref`` to a reference that moves, COMAL's prox centre). Videos are rendered offscreen by
+MuJoCo; with ``MUJOCO_GL`` unset on a headless Linux machine the backend (EGL, then OSMesa) is chosen by
+:func:`rl_align.envs.backend.choose_gl`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 
+from rl_align.agents.base import Agent
+from rl_align.checkpoints import load_checkpoint
+from rl_align.envs import EnvConfig, Oracle, make_vec_env
 from rl_align.envs.backend import GL_HINT, choose_gl
 from rl_align.errors import UserError
+from rl_align.nets import gaussian_kl
+from rl_align.runs import RunConfig, build_agent, load_run_config
+
+MODES = {"det": True, "stoch": False}  # mode -> deterministic
+
+
+def evaluate(agent: Agent, env_config: EnvConfig, episodes: int, seed: int, deterministic: bool = True) -> dict[str, np.ndarray]:
+    """Run ``episodes`` full episodes on fresh envs (seeds ``seed + i``), batched; per-episode
+    ``return``, ``cost``, ``length`` arrays. The agent's normalizer is used frozen and its action-noise
+    stream is copied, never advanced (evaluation does not shift training)."""
+    out = {"return": [], "cost": [], "length": []}
+    done_eps = 0
+    while done_eps < episodes:
+        n = min(16, episodes - done_eps)
+        env = make_vec_env(env_config, n, seed=seed + done_eps)
+        obs = env.reset()
+        alive = np.ones(n, bool)
+        ret, cost, length = np.zeros(n), np.zeros(n), np.zeros(n, int)
+        rng, actor = copy.deepcopy(agent.act_rng), agent.actor()
+        while alive.any():
+            step = env.step(agent.act(obs, deterministic=deterministic, actor=actor, rng=rng))
+            ret += step.rewards * alive
+            cost += step.costs * alive
+            length += alive
+            alive &= ~(step.terminated | step.truncated)
+            obs = step.obs
+        env.close()
+        out["return"] += list(ret)
+        out["cost"] += list(cost)
+        out["length"] += list(length)
+        done_eps += n
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def rollout_segments(agent: Agent, env_config: EnvConfig, episodes: int, H: int, seed: int, deterministic: bool = False,
+                     policy: torch.nn.Module | None = None) -> dict[tuple[int, int], dict]:
+    """Windows of ``H`` steps from ``episodes`` fresh episodes (env seeds ``seed + i``) of ``policy``
+    (default: the agent's own) acting through the agent's normalizer and a copy of its action-noise
+    stream, keyed by ``(episode, window)`` so two policies' segments can be matched; windows end before
+    termination. Each value holds ``obs`` (raw), ``actions``, ``rewards``, ``costs``, ``features``."""
+    env = make_vec_env(env_config, episodes, seed=seed)
+    obs = env.reset()
+    alive = np.ones(episodes, bool)
+    rec = {k: [] for k in ("obs", "actions", "rewards", "costs", "features")}
+    steps = np.zeros(episodes, int)
+    rng, actor = copy.deepcopy(agent.act_rng), agent.actor(policy)
+    while alive.any():
+        action = agent.act(obs, deterministic=deterministic, actor=actor, rng=rng)
+        step = env.step(action)
+        for k, v in (("obs", obs), ("actions", action), ("rewards", step.rewards), ("costs", step.costs), ("features", step.features)):
+            rec[k].append(np.asarray(v))
+        steps += alive
+        alive &= ~(step.terminated | step.truncated)
+        obs = step.obs
+    env.close()
+    arr = {k: np.stack(v, axis=1) for k, v in rec.items()}  # [episodes, T, ...]
+    return {(e, w): {k: a[e, w * H:(w + 1) * H] for k, a in arr.items()} for e in range(episodes) for w in range(steps[e] // H)}
+
+
+def matched_preferences(a: dict, b: dict, oracle: Oracle) -> tuple[np.ndarray, np.ndarray]:
+    """``P(segment of a > matched segment of b)`` per window both have (no label noise, no query spent),
+    and each window's episode (the independent unit: windows of one episode are correlated)."""
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return np.zeros(0), np.zeros(0, int)
+    stack = lambda segs: SimpleNamespace(**{k: np.stack([segs[key][k] for key in keys]) for k in segs[keys[0]]})  # noqa: E731
+    return oracle.preference_prob(stack(a), stack(b)), np.array([key[0] for key in keys])
+
+
+def win_rate(agent: Agent, against: torch.nn.Module | Agent, env_config: EnvConfig, oracle: Oracle, episodes: int, H: int, seed: int,
+             deterministic: bool = False) -> float:
+    """Mean ``P(segment of the agent > matched segment of against)`` under ``oracle`` on the same env seeds.
+    ``against`` is a policy (pi_ref) acting through the agent's normalizer and action noise, or another
+    agent with its own."""
+    mine = rollout_segments(agent, env_config, episodes, H, seed, deterministic)
+    if isinstance(against, Agent):
+        theirs = rollout_segments(against, env_config, episodes, H, seed, deterministic)
+    else:
+        theirs = rollout_segments(agent, env_config, episodes, H, seed, deterministic, policy=against)
+    p, _ = matched_preferences(mine, theirs, oracle)
+    return float(p.mean()) if len(p) else float("nan")
+
+
+def eval_metrics(agent: Agent, cfg: RunConfig, episodes: int | None = None, seed: int | None = None,
+                 modes: tuple[str, ...] = ("det", "stoch")) -> dict[str, float]:
+    """The ``eval/`` metrics (module docstring) over ``episodes`` (default ``run.eval_episodes``) episodes
+    with distinct reset seeds from ``seed`` (default ``run.seed + 100000``)."""
+    episodes = cfg.run.eval_episodes if episodes is None else episodes
+    seed = cfg.run.seed + 100_000 if seed is None else seed
+    if episodes < 1:
+        raise UserError(f"--episodes must be >= 1, got {episodes}")
+    limit = float(cfg.env.cost.limit)
+    m: dict[str, float] = {"eval/episodes": float(episodes)}
+    for mode in modes:
+        res = evaluate(agent, cfg.env, episodes, seed=seed, deterministic=MODES[mode])
+        r = res["return"]
+        m.update({f"eval/return_{mode}": float(r.mean()), f"eval/return_{mode}_std": float(r.std()),
+                  f"eval/return_{mode}_min": float(r.min()), f"eval/return_{mode}_max": float(r.max()),
+                  f"eval/cost_{mode}": float(res["cost"].mean()), f"eval/over_budget_{mode}": float((res["cost"] > limit).mean())})
+    m["eval/violation"] = max(0.0, m[f"eval/cost_{modes[0]}"] - limit)
+    m["eval/length"] = float(res["length"].mean())
+    ref = agent.reference()
+    if ref is not None:
+        judge = Oracle(dataclasses.replace(cfg.env.oracle, budget=None), seed=cfg.run.seed + 31)  # no training query is spent
+        c, seed = agent.config, cfg.run.seed + 200_000
+        mine = rollout_segments(agent, cfg.env, c.win_rate_episodes, c.segment_len, seed)
+        p, _ = matched_preferences(mine, rollout_segments(agent, cfg.env, c.win_rate_episodes, c.segment_len, seed, policy=ref), judge)
+        m["eval/win_rate_vs_ref"] = float(p.mean()) if len(p) else float("nan")
+        obs = torch.as_tensor(agent.normalize(np.concatenate([s["obs"] for s in mine.values()])), device=agent.device) if mine else None
+        # per state, on the states of the agent's evaluation windows (fresh, unlike train/kl_ref's)
+        for key, other in (("eval/kl_to_ref", ref), ("eval/kl_to_current_ref", agent.moving_reference())):
+            if other is not None:
+                m[key] = policy_kl(agent.policy, other, obs) if mine else float("nan")
+    return m
+
+
+def policy_kl(policy: torch.nn.Module, other: torch.nn.Module, obs: torch.Tensor) -> float:
+    """``KL(policy || other)`` per state, averaged over normalized states ``obs``."""
+    with torch.no_grad():
+        return float(gaussian_kl(policy.mean(obs), policy.log_std, other.mean(obs), other.log_std).mean())
+
 
 def load_agent(folder: Path):
     """``(config, agent)`` of a run folder, the agent holding the weights of ``checkpoints/last.pt``."""
-    from rl_align.runs import load_checkpoint, load_run_config
-    from rl_align.train import build_agent
-
     folder = Path(folder)
     if not (folder / "config.yaml").exists():
         raise UserError(f"{folder} is not a run folder (no config.yaml); give a folder written by rl-align train")
@@ -34,25 +165,44 @@ def load_agent(folder: Path):
 
 
 def evaluate_run(folder: Path, episodes: int = 10, deterministic: bool = True, seed: int | None = None) -> dict[str, float]:
-    """Metrics of the run's last checkpoint over ``episodes`` fresh episodes (env seeds ``seed + i``)."""
-    from rl_align.train import evaluate
-
-    if episodes < 1:
-        raise UserError(f"--episodes must be >= 1, got {episodes}")
+    """``eval/`` metrics of the run's last checkpoint in one mode over ``episodes`` fresh episodes (env
+    seeds ``seed + i``, default the run's seed + 300000, unseen in training), plus ``seed``, ``env_steps``."""
     cfg, agent = load_agent(folder)
     seed = cfg.run.seed + 300_000 if seed is None else seed
-    res = evaluate(agent, cfg.env, episodes, seed=seed, deterministic=deterministic)
-    limit = float(cfg.env.cost.limit)
-    m = {
-        "return": float(res["return"].mean()), "return_std": float(res["return"].std()),
-        "return_min": float(res["return"].min()), "return_max": float(res["return"].max()),
-        "cost": float(res["cost"].mean()), "cost_limit": limit, "violation": max(0.0, float(res["cost"].mean()) - limit),
-        "over_budget": float((res["cost"] > limit).mean()), "length": float(res["length"].mean()),
-        "episodes": episodes, "seed": seed, "env_steps": agent.env_steps,
-    }
-    if hasattr(agent, "eval_extra"):
-        m.update({k.removeprefix("eval/"): v for k, v in agent.eval_extra(cfg).items()})
-    return m
+    m = eval_metrics(agent, cfg, episodes, seed, modes=("det",) if deterministic else ("stoch",))
+    return {**m, "eval/cost_limit": float(cfg.env.cost.limit), "seed": seed, "env_steps": agent.env_steps}
+
+
+# label, key, kind: "pm" prints mean ± std over the episodes, "%" a share, else the value
+ROWS = (("return (stochastic)", "eval/return_stoch", "pm"), ("return (deterministic)", "eval/return_det", "pm"),
+        ("episode cost (det)", "eval/cost_det", ""), ("episode cost (stoch)", "eval/cost_stoch", ""),
+        ("violation", "eval/violation", ""), ("over budget (det)", "eval/over_budget_det", "%"),
+        ("over budget (stoch)", "eval/over_budget_stoch", "%"), ("episode length", "eval/length", "1"),
+        ("win rate vs reference", "eval/win_rate_vs_ref", "3"), ("KL to reference", "eval/kl_to_ref", "3"))
+
+
+SUMMARY = ("eval/return_stoch", "eval/return_det", "eval/cost_det", "eval/win_rate_vs_ref", "eval/kl_to_ref")
+
+
+def print_metrics(columns: dict[str, dict], keys: tuple[str, ...] | None = None) -> None:
+    """The one printer of ``eval/`` metrics: a row per metric (all, or ``keys``), a column per named
+    metric set (for example ``{"start": ..., "end": ...}``); a metric missing from every column is left out."""
+    print(f"  {'':<24}" + "".join(f"{name:^18}" for name in columns))
+    for label, key, kind in ROWS:
+        if keys is not None and key not in keys or not any(key in m for m in columns.values()):
+            continue
+        cells = []
+        for m in columns.values():
+            v = m.get(key)
+            if v is None:
+                cells.append(f"{'':>18}")
+            elif kind == "pm":
+                cells.append(f"{v:>10.1f} ± {m.get(key + '_std', float('nan')):<5.1f}")
+            elif kind == "%":
+                cells.append(f"{v:>10.0%}{'':8}")
+            else:
+                cells.append(f"{v:>10.{ {'3': 3, '1': 1}.get(kind, 2) }f}{'':8}")
+        print(f"  {label:<24}" + "".join(cells))
 
 
 def check_video_target(path: Path) -> None:
@@ -105,29 +255,20 @@ def record_video(folder: Path, path: Path, deterministic: bool = True, seed: int
     return len(frames)
 
 
-def print_metrics(folder: Path, m: dict, deterministic: bool) -> None:
-    mode = "deterministic" if deterministic else "stochastic"
-    print(f"eval of {folder} at {m['env_steps']:,} env steps: {m['episodes']} {mode} episodes (env seeds {m['seed']}..{m['seed'] + m['episodes'] - 1})")
-    print(f"  return                {m['return']:10.1f} ± {m['return_std']:.1f}  [min {m['return_min']:.1f}, max {m['return_max']:.1f}]")
-    print(f"  episode cost          {m['cost']:10.2f}  (limit d = {m['cost_limit']:g})")
-    print(f"  violation             {m['violation']:10.2f}  (max(0, cost - d))")
-    print(f"  episodes over budget  {m['over_budget']:10.0%}")
-    print(f"  episode length        {m['length']:10.1f}")
-    for key, label in (("win_rate_vs_ref", "win rate vs reference"), ("kl_to_ref", "KL to reference")):
-        if key in m:
-            print(f"  {label:<21} {m[key]:10.3f}")
-
-
 def _eval(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     if args.video:
         check_video_target(Path(args.video))
         choose_gl()
     m = evaluate_run(folder, args.episodes, args.deterministic, args.seed)
-    print_metrics(folder, m, args.deterministic)
+    mode = "deterministic" if args.deterministic else "stochastic"
+    n = int(m["eval/episodes"])
+    print(f"eval of {folder} at {m['env_steps']:,} env steps: {n} {mode} episodes (env seeds {m['seed']}..{m['seed'] + n - 1})")
+    print_metrics({"mean ± std": m})
+    print(f"  episode cost per episode (limit d = {m['eval/cost_limit']:g}); violation = max(0, cost - d)")
     if args.video:
-        n = record_video(folder, Path(args.video), args.deterministic, args.seed)
-        print(f"  video                 {args.video} ({n} frames, MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')})")
+        frames = record_video(folder, Path(args.video), args.deterministic, args.seed)
+        print(f"  video                 {args.video} ({frames} frames, MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')})")
     return 0
 
 

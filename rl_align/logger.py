@@ -1,6 +1,8 @@
 """One logger: ``record(key, value)`` then ``dump(step)`` to TensorBoard and a CSV of every scalar,
-plus a live progress line. Prefixes group scalars: ``train/``, ``eval/``, ``rollout/``, ``pl/``,
-``cost/``, ``oracle/``."""
+plus a live progress line. Prefixes group scalars: ``train/`` (the update), ``rollout/`` (the episodes
+of the rollout), ``eval/`` (rl_align.evaluation), ``time/``, ``pref/`` (accuracy of the preference
+signal), ``grad/`` (per-term gradient norms), ``pl/`` (PL diagnostics), ``safety/`` (the Lagrangian
+layer), ``rlhf/`` (the reward model), ``comal/`` (the outer loop)."""
 
 from __future__ import annotations
 

@@ -279,7 +279,7 @@ def make_report(folder: Path, out: Path | None = None, log=print, compare: tuple
     """Write the figures and ``summary.md`` into ``out`` (default ``<folder>/report``); returns
     ``(out, written PNGs, skipped-figure notes)``. ``compare = (A, B)``: group labels whose probability
     of improvement is added; ``normalize_by = (ref, ceiling)``: a normalized-return column."""
-    from rl_align.runs import write_text_atomic
+    from rl_align.checkpoints import write_text_atomic
 
     groups, what = load_groups(Path(folder))
     if not any(g.runs for g in groups):

@@ -1,4 +1,4 @@
-"""Run configs and run folders: resolve presets, snapshot config and versions, atomic checkpoints.
+"""Run configs and run folders: resolve presets, build the agent of a config, snapshot config and versions.
 
 A run folder is ``runs/<env>/<agent>/<timestamp>-s<seed>/`` holding ``config.yaml`` (resolved),
 ``versions.json``, ``progress.csv``, ``tb/`` (TensorBoard events), ``checkpoints/last.pt`` and, when
@@ -8,7 +8,6 @@ the run ends, ``summary.json``. An existing folder is never overwritten.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import time
@@ -19,10 +18,11 @@ from typing import Any
 import torch
 import yaml
 
-from rl_align.agents import get_agent_class
+from rl_align.agents import get_agent
 from rl_align.agents.base import AgentConfig
 from rl_align.config import TrainConfig, apply_overrides, build, list_presets, load_preset, read_yaml, to_dict
-from rl_align.envs import EnvConfig, check_task, require_cost
+from rl_align.envs import EnvConfig, Oracle, check_task, make_vec_env, require_cost
+from rl_align.checkpoints import write_text_atomic
 from rl_align.errors import UserError
 
 
@@ -52,7 +52,7 @@ def _env_data(name: str) -> tuple[str, dict]:
     raise UserError(f"unknown env {name!r}; use a preset ({', '.join(list_presets('envs'))}) or a Gymnasium id such as HalfCheetah-v5")
 
 
-def _agent_data(name: str) -> tuple[str, dict]:
+def agent_preset(name: str) -> tuple[str, dict]:
     found = load_preset("agents", name)
     if found is None:
         raise UserError(f"unknown agent {name!r}; use a preset ({', '.join(list_presets('agents'))}) or a path to a .yaml file")
@@ -66,7 +66,7 @@ def resolve_config(env: str, agent: str, overrides: list[str] = (), steps: int |
     """Preset names (or YAML paths / task ids) + ``section.key=value`` overrides -> validated config.
     A preset's ``run:`` section sets run defaults (e.g. its budget); ``--steps`` / ``--seed`` win."""
     env_name, env_data = _env_data(env)
-    agent_name, agent_data = _agent_data(agent)
+    agent_name, agent_data = agent_preset(agent)
     agent_data = dict(agent_data)
     algo = agent_data.pop("algo")
     agent_data.pop("description", None)
@@ -78,17 +78,29 @@ def resolve_config(env: str, agent: str, overrides: list[str] = (), steps: int |
 
 
 def from_data(env_name: str, agent_name: str, algo: str, data: dict) -> RunConfig:
-    cls = get_agent_class(algo)
+    _, config_cls = get_agent(algo)
     cfg = RunConfig(
         env_name=env_name, agent_name=agent_name, algo=algo,
         env=build(EnvConfig, data.get("env") or {}, "env"),
-        agent=build(cls.config_cls, data.get("agent") or {}, "agent"),
+        agent=build(config_cls, data.get("agent") or {}, "agent"),
         run=build(TrainConfig, data.get("run") or {}, "run"),
     )
     method = getattr(getattr(cfg.agent, "constraint", None), "method", "none")
     if method != "none":  # a constrained agent: the cost must exist before anything runs
         require_cost(cfg.env.cost, cfg.env.task, f"agent {agent_name} (agent.constraint.method={method})")
     return cfg
+
+
+def build_agent(cfg: RunConfig):
+    """``(agent, env)`` for ``cfg``: the vector env, the oracle and the agent (nothing written to disk;
+    nothing loaded: ``train.prepare`` resolves what the agent starts from)."""
+    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("run.device=cuda but PyTorch sees no CUDA device; use run.device=cpu")
+    torch.set_num_threads(cfg.run.torch_threads)
+    env = make_vec_env(cfg.env, cfg.agent.n_envs, seed=cfg.run.seed)
+    oracle = Oracle(cfg.env.oracle, seed=cfg.run.seed + 7919)
+    cls, _ = get_agent(cfg.algo)
+    return cls(cfg.agent, env, seed=cfg.run.seed, device=cfg.run.device, oracle=oracle, total_steps=cfg.run.steps), env
 
 
 def load_run_config(folder: Path) -> RunConfig:
@@ -137,30 +149,3 @@ def create_run_folder(cfg: RunConfig, root: Path | None = None) -> Path:
     write_text_atomic(folder / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_text_atomic(folder / "versions.json", json.dumps(versions(), indent=2))
     return folder
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, device: str = "cpu") -> dict:
-    """Load without executing pickled code (``weights_only=True``); a corrupt file is a UserError."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    if not path.exists():
-        raise UserError(f"no checkpoint at {path}; give a run folder that has checkpoints/last.pt")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated / foreign files
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); resume from an intact run or delete it") from None

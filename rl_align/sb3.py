@@ -210,7 +210,7 @@ def read_sb3(spec: str) -> SB3Policy:
 
 
 def agent_state(spec: str, agent) -> dict:
-    """``{"policy", "obs_rms"}`` for ``Agent.start_from("sb3:<spec>")``. The agent's network must have the
+    """``{"policy", "obs_rms"}`` for a start named ``sb3:<spec>`` (``train.prepare`` hands it to ``Agent.prepare``). The agent's network must have the
     imported shape: a mismatch names the ``--set`` fields that make it so."""
     m = read_sb3(spec)
     c = agent.config

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rl_align.errors import UserError
+from rl_align.signals import DeferredSignals
 
 PRESET_KEYS = ("env", "agent")  # grid keys that vary the preset itself
 HEAD_METRICS = ("eval/return_det", "eval/return_stoch", "eval/cost_det", "eval/violation", "eval/win_rate_vs_ref", "eval/kl_to_ref")
@@ -143,7 +144,8 @@ def find_run_folder(root: Path) -> Path | None:
 
 def run_trial(t: Trial) -> dict:
     """Run (or skip, or resume) one trial; never raises: failures come back as a row with the error."""
-    from rl_align.runs import create_run_folder, load_checkpoint, resolve_config
+    from rl_align.checkpoints import load_checkpoint
+    from rl_align.runs import create_run_folder, resolve_config
     from rl_align.train import Interrupted, resume, train
 
     row = {"trial": t.trial, "seed": t.seed, **t.settings, "status": "failed", "error": "", "run_folder": ""}
@@ -186,7 +188,7 @@ def summary_metrics(summary: dict) -> dict:
 
 def write_index(path: Path, rows: list[dict], grid_keys: list[str]) -> None:
     """``index.csv``: trial, seed, settings, status, error, the headline metrics, the rest, run folder."""
-    from rl_align.runs import write_text_atomic
+    from rl_align.checkpoints import write_text_atomic
 
     fixed = ["trial", "seed", *grid_keys, "status", "error"]
     extra = sorted({k for r in rows for k in r} - set(fixed) - set(HEAD_METRICS) - {"run_folder"})
@@ -206,37 +208,11 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class SweepSignals:
-    """SIGINT / SIGTERM during a sweep (main thread only) set ``signum`` and call ``callback`` (the pool
-    passes SIGTERM on to its trials); no new trial starts, and the sweep exits 128 + signum."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.callback = None
-        self.previous: dict = {}
-
-    def __enter__(self) -> "SweepSignals":
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum: int, frame) -> None:
-        self.signum = signum
-        if self.callback is not None:
-            self.callback(signum)
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-
-
 def run_sweep(spec: SweepSpec, name: str | None = None, root: Path | str = "runs/sweeps", workers: int | None = None,
               backend: str = "local", address: str | None = None, log=print) -> tuple[Path, list[dict]]:
     """Validate every trial, then run the unfinished ones; returns ``(sweep folder, index rows)``.
     Ctrl-C / SIGTERM: running trials checkpoint, the index is written, :class:`Interrupted` is raised."""
-    with SweepSignals() as stop:
+    with DeferredSignals("sweep") as stop:
         folder, rows = _run_sweep(spec, name, root, workers, backend, address, log, stop)
     if stop.signum is not None:
         raise SweepInterrupted(stop.signum)
@@ -244,7 +220,7 @@ def run_sweep(spec: SweepSpec, name: str | None = None, root: Path | str = "runs
 
 
 def _run_sweep(spec: SweepSpec, name: str | None, root: Path | str, workers: int | None, backend: str, address: str | None,
-               log, stop: SweepSignals) -> tuple[Path, list[dict]]:
+               log, stop: DeferredSignals) -> tuple[Path, list[dict]]:
     if backend not in ("local", "ray"):
         raise UserError(f"--backend must be local or ray, got {backend!r}")
     if workers is not None and workers < 1:
@@ -262,7 +238,7 @@ def _run_sweep(spec: SweepSpec, name: str | None, root: Path | str, workers: int
     trials = expand(spec, sweep_dir)  # validates everything before a folder is made
     if backend == "ray":
         ray = _import_ray()
-    from rl_align.runs import write_text_atomic
+    from rl_align.checkpoints import write_text_atomic
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(spec_file, json.dumps(spec.key(), indent=2))
@@ -311,7 +287,7 @@ def _run_sweep(spec: SweepSpec, name: str | None, root: Path | str, workers: int
     return sweep_dir, list(rows.values())
 
 
-def _run_pool(todo: list[Trial], workers: int, record, stop: "SweepSignals") -> None:
+def _run_pool(todo: list[Trial], workers: int, record, stop: DeferredSignals) -> None:
     """A spawn-context process pool; SIGTERM to the sweep is passed on to the running trials, which
     checkpoint and stop (Ctrl-C reaches them directly through the terminal's process group)."""
     import multiprocessing as mp
@@ -366,7 +342,7 @@ def _import_ray():
     return ray
 
 
-def _run_ray(ray, todo: list[Trial], workers: int, address: str | None, record, stop: SweepSignals) -> None:
+def _run_ray(ray, todo: list[Trial], workers: int, address: str | None, record, stop: DeferredSignals) -> None:
     """Each trial is one Ray task (1 CPU). ``--address`` joins a running cluster; the nodes need rl-align
     installed and the sweep folder on a shared filesystem. Without it, a local Ray instance is started."""
     if not ray.is_initialized():

@@ -6,8 +6,11 @@ episode and position. Cell ``W[i, j]`` is the mean oracle preference ``P(segment
 over the matched windows (no label noise, no query budget; a tie counts 1/2 by construction of P), with
 a 95% t-interval over episodes (windows of one episode are correlated, so the episode is the unit).
 Because ``P(a, b) = 1 - P(b, a)`` and the matching is symmetric, ``W + W^T = 1`` and ``W[i, i] = 1/2``.
-Output: ``tournament.csv`` (the matrix and the row average over the other columns, the paper's Table 2
-layout), ``tournament_cells.csv`` (one row per cell with its interval), ``tournament.png`` (heatmap).
+Each player's KL to the reference its run started from (``KL(pi || pi_ref^1)`` per state, averaged over
+the states of its own tournament episodes; COMAL's moving reference is not it) is reported beside its row,
+so a win can be read against how far the policy drifted; players without a reference show none.
+Output: ``tournament.csv`` (the matrix, the row average over the other columns, the paper's Table 2
+layout, and the KL), ``tournament_cells.csv`` (one row per cell with its interval), ``tournament.png``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import csv
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -30,6 +32,8 @@ class TournamentResult:
     win: np.ndarray  # [K, K] W[i, j] = P(row i beats column j)
     half_width: np.ndarray  # [K, K] 95% interval half-width (nan with one episode)
     n_pairs: np.ndarray  # [K, K] matched segment pairs per cell
+    kl_init_ref: np.ndarray | None = None  # [K] KL(pi || initial reference) per state on the player's episodes (nan: none)
+    per_episode: np.ndarray | None = None  # [K, K, episodes] cell value per episode (the unit of the intervals)
 
     def row_average(self) -> np.ndarray:
         """Mean win rate of each row over the other columns ``[K]`` (diagonal left out)."""
@@ -55,6 +59,19 @@ def load_policies(folders: list[str | Path]) -> list[tuple[str, object, object]]
     return out
 
 
+def kl_to_initial_reference(agent, raw_obs: np.ndarray) -> float:
+    """Mean per-state ``KL(pi || pi_ref^1)`` over raw states ``[B, obs_dim]`` against ``agent.reference()``
+    (COMAL's initial reference, a fixed-reference agent's pi_ref); nan for an agent without one (PPO)."""
+    import torch
+
+    from rl_align.evaluation import policy_kl
+
+    ref = agent.reference()
+    if ref is None:
+        return float("nan")
+    return policy_kl(agent.policy, ref, torch.as_tensor(agent.normalize(raw_obs), device=agent.device))
+
+
 def oracle_env(preset: str | None, first_env):
     """The env config whose task and oracle judge the tournament: a named env preset, else the first run's."""
     from rl_align.config import build, load_preset
@@ -72,7 +89,7 @@ def tournament(folders: list[str | Path], oracle: str | None = None, episodes: i
                deterministic: bool = True, seed: int = 500_000) -> TournamentResult:
     """Play every final policy against every other on matched segments; see the module docstring."""
     from rl_align.envs import Oracle
-    from rl_align.train import rollout_segments
+    from rl_align.evaluation import matched_preferences, rollout_segments
 
     if len(folders) < 2:
         raise UserError("a tournament needs at least two run folders")
@@ -89,21 +106,21 @@ def tournament(folders: list[str | Path], oracle: str | None = None, episodes: i
         agent.act_rng = np.random.default_rng(seed + 1)  # common action noise for --stochastic
         segs.append(rollout_segments(agent, env_cfg, episodes, segment_len, seed, deterministic))
     K = len(players)
+    kl_init = np.array([kl_to_initial_reference(agent, np.concatenate([w["obs"] for w in s.values()])) for (_, _, agent), s in zip(players, segs)])
     win, half, n = np.full((K, K), np.nan), np.full((K, K), np.nan), np.zeros((K, K), int)
+    per_ep_all = np.full((K, K, episodes), np.nan)
     for i in range(K):
         for j in range(K):
-            keys = sorted(set(segs[i]) & set(segs[j]))
-            if not keys:
+            p, episode = matched_preferences(segs[i], segs[j], judge)  # P(s_i > s_j) per matched window
+            if not len(p):
                 continue
-            stack = lambda s: SimpleNamespace(**{k: np.stack([s[key][k] for key in keys]) for k in s[keys[0]]})  # noqa: E731
-            p = judge.preference_prob(stack(segs[i]), stack(segs[j]))  # P(s_i > s_j) per matched window
-            episode = np.array([key[0] for key in keys])
             per_ep = np.array([p[episode == e].mean() for e in np.unique(episode)])  # episode = independent unit
             win[i, j], n[i, j] = p.mean(), len(p)
+            per_ep_all[i, j, np.unique(episode)] = per_ep
             half[i, j] = _t_half_width(per_ep)
     if np.isnan(win).any():
         raise UserError(f"some policies left no complete {segment_len}-step window (episodes ended early); lower --segment-len")
-    return TournamentResult([p[0] for p in players], win, half, n)
+    return TournamentResult([p[0] for p in players], win, half, n, kl_init, per_ep_all)
 
 
 def _t_half_width(x: np.ndarray) -> float:
@@ -121,9 +138,10 @@ def write_outputs(res: TournamentResult, out: Path) -> list[Path]:
     avg = res.row_average()
     with (out / "tournament.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row_vs_column", *res.names, "row_average"])
+        kl = res.kl_init_ref if res.kl_init_ref is not None else np.full(len(res.names), np.nan)
+        w.writerow(["row_vs_column", *res.names, "row_average", "kl_to_initial_ref"])
         for i, name in enumerate(res.names):
-            w.writerow([name, *(f"{x:.4f}" for x in res.win[i]), f"{avg[i]:.4f}"])
+            w.writerow([name, *(f"{x:.4f}" for x in res.win[i]), f"{avg[i]:.4f}", "" if np.isnan(kl[i]) else f"{kl[i]:.4f}"])
     with (out / "tournament_cells.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["row", "column", "win_rate", "ci95_low", "ci95_high", "segment_pairs"])
@@ -157,10 +175,11 @@ def write_outputs(res: TournamentResult, out: Path) -> list[Path]:
 
 def print_table(res: TournamentResult) -> None:
     width = max(12, *(len(n) for n in res.names)) + 1
-    print(f"{'row > column':<{width}}" + "".join(f"{n[:width - 1]:>{width}}" for n in res.names) + f"{'row avg':>{width}}")
+    kl = res.kl_init_ref if res.kl_init_ref is not None else np.full(len(res.names), np.nan)
+    print(f"{'row > column':<{width}}" + "".join(f"{n[:width - 1]:>{width}}" for n in res.names) + f"{'row avg':>{width}}{'KL to ref':>{width}}")
     for i, name in enumerate(res.names):
         cells = "".join(f"{100 * res.win[i, j]:>{width - 1}.1f}%" for j in range(len(res.names)))
-        print(f"{name:<{width}}{cells}{100 * res.row_average()[i]:>{width - 1}.1f}%")
+        print(f"{name:<{width}}{cells}{100 * res.row_average()[i]:>{width - 1}.1f}%" + (f"{'-':>{width}}" if np.isnan(kl[i]) else f"{kl[i]:>{width}.3f}"))
 
 
 def _tournament(args: argparse.Namespace) -> int:

@@ -1,130 +1,92 @@
-"""The one training loop every agent runs, and deterministic / stochastic evaluation.
+"""The one training loop every agent runs, and what it hands the agents: the resolved start policy (the
+auto reference trained here when needed) and each rollout's finished episodes.
 
-config -> VecEnv -> agent.collect (shared buffer) -> agent.update -> logger -> eval -> checkpoint.
+config -> VecEnv -> agent.collect (shared buffer) -> agent.update(episodes) -> logger -> evaluation -> checkpoint.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import signal
 import sys
-import threading
 import time
 from collections import deque
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from rl_align.agents import get_agent_class
 from rl_align.agents.base import Agent, EpisodeTracker
-from rl_align.envs import EnvConfig, Oracle, make_vec_env
+from rl_align.checkpoints import load_checkpoint, save_checkpoint, write_text_atomic
+from rl_align.config import PRESET_ROOT, to_dict
 from rl_align.errors import UserError
+from rl_align.evaluation import eval_metrics
 from rl_align.logger import Logger, Progress
-from rl_align.runs import RunConfig, create_run_folder, load_checkpoint, load_run_config, save_checkpoint, write_text_atomic
+from rl_align.runs import RunConfig, agent_preset, build_agent, create_run_folder, from_data, load_run_config
+from rl_align.signals import DeferredSignals
 
 
 class TrainingDiverged(UserError):
     """A loss or parameter became NaN/Inf; the last good checkpoint is kept."""
 
 
-def build_agent(cfg: RunConfig) -> tuple[Agent, object]:
-    """Env + oracle + agent for ``cfg`` (nothing written to disk)."""
-    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("run.device=cuda but PyTorch sees no CUDA device; use run.device=cpu")
-    torch.set_num_threads(cfg.run.torch_threads)
-    env = make_vec_env(cfg.env, cfg.agent.n_envs, seed=cfg.run.seed)
-    oracle = Oracle(cfg.env.oracle, seed=cfg.run.seed + 7919)
-    agent = get_agent_class(cfg.algo)(cfg.agent, env, seed=cfg.run.seed, device=cfg.run.device, oracle=oracle)
-    agent.total_steps = cfg.run.steps
-    return agent, env
+def prepare(agent: Agent, cfg: RunConfig) -> None:
+    """Hand the agent what it starts from: its ``start_spec()`` resolved to weights (``auto``: the shipped
+    or cached PPO reference, trained here once if needed; ``sb3:<zip>``: read without unpickling)."""
+    spec = agent.start_spec()
+    if spec is None:
+        agent.prepare(None)
+        return
+    if spec == "auto" and not hasattr(cfg.agent, "ref_agent"):
+        raise UserError(f"agent {cfg.agent_name} cannot start from 'auto' (only preference agents have an auto reference); give a run folder")
+    source = str(auto_reference(cfg) if spec == "auto" else spec)
+    if source.startswith("sb3:"):
+        from rl_align.sb3 import agent_state
+
+        state = agent_state(source[len("sb3:"):], agent)
+    else:
+        state = load_checkpoint(source)
+    agent.prepare(state, source)
 
 
-def evaluate(agent: Agent, env_config: EnvConfig, episodes: int, seed: int, deterministic: bool = True) -> dict[str, np.ndarray]:
-    """Run ``episodes`` full episodes on fresh envs (seeds ``seed + i``), batched; per-episode
-    ``return``, ``cost``, ``length`` arrays. The agent's normalizer is used frozen."""
-    out = {"return": [], "cost": [], "length": []}
-    done_eps = 0
-    while done_eps < episodes:
-        n = min(16, episodes - done_eps)
-        env = make_vec_env(env_config, n, seed=seed + done_eps)
-        obs = env.reset()
-        alive = np.ones(n, bool)
-        ret, cost, length = np.zeros(n), np.zeros(n), np.zeros(n, int)
-        gen_state = agent.act_rng.bit_generator.state
-        actor = agent.actor()
-        while alive.any():
-            step = env.step(agent.act(obs, deterministic=deterministic, actor=actor))
-            ret += step.rewards * alive
-            cost += step.costs * alive
-            length += alive
-            alive &= ~(step.terminated | step.truncated)
-            obs = step.obs
-        agent.act_rng.bit_generator.state = gen_state  # evaluation never shifts the training random stream
-        env.close()
-        out["return"] += list(ret)
-        out["cost"] += list(cost)
-        out["length"] += list(length)
-        done_eps += n
-    return {k: np.asarray(v) for k, v in out.items()}
-
-
-def rollout_segments(agent: Agent, env_config: EnvConfig, episodes: int, H: int, seed: int, deterministic: bool = False) -> dict[tuple[int, int], dict]:
-    """Windows of ``H`` steps from ``episodes`` fresh episodes (env seeds ``seed + i``), keyed by
-    ``(episode, window)`` so two policies' segments can be matched; windows end before termination.
-    Each value holds ``obs`` (raw), ``actions``, ``rewards``, ``costs``, ``features`` for that window."""
-    env = make_vec_env(env_config, episodes, seed=seed)
-    obs = env.reset()
-    alive = np.ones(episodes, bool)
-    rec = {k: [] for k in ("obs", "actions", "rewards", "costs", "features")}
-    steps = np.zeros(episodes, int)
-    gen_state = agent.act_rng.bit_generator.state
-    actor = agent.actor()
-    while alive.any():
-        action = agent.act(obs, deterministic=deterministic, actor=actor)
-        step = env.step(action)
-        for k, v in (("obs", obs), ("actions", action), ("rewards", step.rewards), ("costs", step.costs), ("features", step.features)):
-            rec[k].append(np.asarray(v))
-        steps += alive
-        alive &= ~(step.terminated | step.truncated)
-        obs = step.obs
-    agent.act_rng.bit_generator.state = gen_state
-    env.close()
-    arr = {k: np.stack(v, axis=1) for k, v in rec.items()}  # [episodes, T, ...]
-    return {(e, w): {k: a[e, w * H:(w + 1) * H] for k, a in arr.items()} for e in range(episodes) for w in range(steps[e] // H)}
-
-
-def win_rate(agent: Agent, other: Agent, env_config: EnvConfig, oracle: Oracle, episodes: int, H: int, seed: int,
-             deterministic: bool = False) -> float:
-    """Mean ``P(segment of agent > matched segment of other)`` under ``oracle`` (no label noise, no query
-    spent): both play the same env seeds, windows matched by episode and position."""
-    a = rollout_segments(agent, env_config, episodes, H, seed, deterministic)
-    b = rollout_segments(other, env_config, episodes, H, seed, deterministic)
-    keys = sorted(set(a) & set(b))
-    if not keys:
-        return float("nan")
-    stack = lambda segs: SimpleNamespace(**{k: np.stack([segs[key][k] for key in keys]) for k in segs[keys[0]]})  # noqa: E731
-    return float(oracle.preference_prob(stack(a), stack(b)).mean())
-
-
-def eval_metrics(agent: Agent, cfg: RunConfig) -> dict[str, float]:
-    """``eval/`` scalars: deterministic and stochastic return (each over ``run.eval_episodes`` episodes with
-    distinct reset seeds, with their spread), episode cost and violation."""
-    m: dict[str, float] = {"eval/episodes": float(cfg.run.eval_episodes)}
-    for mode, det in (("det", True), ("stoch", False)):
-        res = evaluate(agent, cfg.env, cfg.run.eval_episodes, seed=cfg.run.seed + 100_000, deterministic=det)
-        m[f"eval/return_{mode}"] = float(res["return"].mean())
-        m[f"eval/return_{mode}_std"] = float(res["return"].std())
-        m[f"eval/cost_{mode}"] = float(res["cost"].mean())
-    m["eval/violation"] = max(0.0, m["eval/cost_det"] - cfg.env.cost.limit)
-    m["eval/length"] = float(res["length"].mean())
-    if hasattr(agent, "eval_extra"):
-        m.update(agent.eval_extra(cfg))
-    return m
+def auto_reference(cfg: RunConfig) -> Path:
+    """The "SFT" reference for this env, seed and network: a short PPO run on the true reward. A policy
+    shipped in the repository's ``refs/`` folder under the same key is used first (so every machine starts
+    from the same weights); otherwise it is trained once into ``<out_dir>/_refs/<env>-<key>-s<seed>`` and
+    reused by every later run. The key covers what PPO on the true reward depends on: the task and its
+    episode limit, the reference preset, the network, the step budget and the seed (not the cost or the
+    oracle, which it never uses)."""
+    c = cfg.agent
+    _, ref_data = agent_preset(c.ref_agent)
+    ref_data = {k: v for k, v in ref_data.items() if k not in ("algo", "description", "run")}
+    ref_data.update(hidden=list(c.hidden), activation=c.activation)  # same network as the preference agent
+    env_key = {"task": cfg.env.task, "max_episode_steps": cfg.env.max_episode_steps}
+    key_data = {"env": env_key, "agent": ref_data, "ref_agent": c.ref_agent, "steps": c.ref_steps, "seed": cfg.run.seed}
+    digest = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    name = f"{cfg.env.task.replace('/', '_')}-{digest}-s{cfg.run.seed}"
+    shipped = PRESET_ROOT / "refs" / f"{name}.pt"
+    if shipped.exists():
+        print(f"reference: the shipped policy {shipped.relative_to(PRESET_ROOT)}", file=sys.stderr)
+        return shipped
+    folder = Path(cfg.run.out_dir) / "_refs" / name
+    if (folder / "summary.json").exists():
+        print(f"reference: reusing {folder}", file=sys.stderr)
+        return folder
+    print(f"reference: training {c.ref_agent} for {c.ref_steps:,} steps on the true reward (once; cached in {folder})", file=sys.stderr)
+    ref_cfg = from_data(cfg.env_name, f"ref-{c.ref_agent}", "ppo", {
+        "env": to_dict(cfg.env), "agent": ref_data,
+        "run": {"steps": c.ref_steps, "seed": cfg.run.seed, "out_dir": str(folder.parent), "progress": False,
+                "eval_episodes": cfg.run.eval_episodes, "device": cfg.run.device},
+    })
+    tmp, _ = train(ref_cfg, quiet=True)
+    if folder.exists():  # another process finished the same reference meanwhile
+        return folder
+    tmp.rename(folder)
+    return folder
 
 
 def check_finite(agent: Agent, metrics: dict[str, float], step: int) -> None:
@@ -146,42 +108,13 @@ class Interrupted(Exception):
         super().__init__(f"{name} at env step {step:,}: checkpoint written; continue with: rl-align train --resume {folder}")
 
 
-class StopSignals:
-    """While active (main thread only), SIGINT / SIGTERM set ``signum`` instead of killing the process;
-    the loop checks it at each iteration boundary. A second signal stops at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.previous: dict = {}
-
-    active = 0  # a run nested in another (the auto reference) leaves the signals to the outer run
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread() and StopSignals.active == 0:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        StopSignals.active += 1
-        return self
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        StopSignals.active -= 1
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 def _loop_checkpoint(folder: Path, agent: Agent, env, obs: np.ndarray, tracker: EpisodeTracker, loop: dict) -> None:
-    """Agent state plus everything the loop needs to continue exactly: env state and observations, torch
-    RNG, episode tracker, eval/checkpoint counters. Written only at iteration boundaries."""
+    """The agent's own ``state_dict`` plus everything the loop needs to continue exactly: env state and
+    observations, torch RNG, episode tracker, eval/checkpoint counters. Written only at iteration boundaries."""
     state = agent.state_dict()
     state["loop"] = {
         **loop, "env": env.get_state(), "obs": torch.as_tensor(obs), "torch_rng": torch.get_rng_state(),
         "tracker": {"ret": torch.as_tensor(tracker.ret), "cost": torch.as_tensor(tracker.cost), "len": torch.as_tensor(tracker.len)},
-        "arrays": {k: torch.as_tensor(v) for k, v in vars(agent).items() if isinstance(v, np.ndarray) and k not in ("act_low", "act_high")},
     }
     save_checkpoint(folder / "checkpoints" / "last.pt", state)
 
@@ -216,14 +149,13 @@ def train(cfg: RunConfig, folder: Path | None = None, quiet: bool = False, resum
     ``resume``, continue ``folder`` from its last checkpoint exactly as if never stopped.
     Everything that can fail on bad input is built before the folder is made. SIGINT / SIGTERM are
     deferred from the start to the end of the current iteration (see :class:`Interrupted`)."""
-    with StopSignals() as stop:
+    with DeferredSignals("run") as stop:
         return _train(cfg, folder, quiet, resume, stop)
 
 
-def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop: StopSignals) -> tuple[Path, dict]:
+def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop: DeferredSignals) -> tuple[Path, dict]:
     agent, env = build_agent(cfg)
-    if hasattr(agent, "prepare"):
-        agent.prepare(cfg)
+    prepare(agent, cfg)
     saved = None
     if resume:
         saved = load_checkpoint(folder)
@@ -238,7 +170,6 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
     progress = Progress(run.steps, start=agent.env_steps, enabled=run.progress and not quiet)
     t_start = time.perf_counter()
     history: deque = deque(maxlen=100)
-    agent.episode_history = history
     tracker = EpisodeTracker(env.n_envs)
     obs = env.reset()
     if saved is None:
@@ -256,8 +187,6 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
             env.set_state(saved["loop"]["env"])
             obs = saved["loop"]["obs"].numpy().copy()
         tracker.ret, tracker.cost, tracker.len = (saved["loop"]["tracker"][k].numpy().copy() for k in ("ret", "cost", "len"))
-        for k, v in saved["loop"]["arrays"].items():
-            setattr(agent, k, v.numpy().copy())
         torch.set_rng_state(saved["loop"]["torch_rng"])
     wall_before = loop["wall_time_s"]
 
@@ -271,9 +200,9 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
             t0 = time.perf_counter()
             obs = agent.collect(env, obs, tracker)
             t_collect = time.perf_counter() - t0
-            agent.last_episodes = tracker.pop()
-            history.extend(agent.last_episodes)
-            metrics = agent.update()
+            episodes = tracker.pop()
+            history.extend(episodes)
+            metrics = agent.update(episodes)
             loop["iteration"] += 1
             check_finite(agent, metrics, agent.env_steps)
             loop["labelled"] = loop["labelled"] or not metrics.get("train/skipped")
@@ -287,8 +216,10 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
             logger.record("time/sps", steps_it / dt)
             logger.record("time/collect_fraction", t_collect / dt)
             logger.record("rollout/x_velocity", float(agent.buffer.features[..., 0].mean()))
-            if agent.last_episodes:
-                eps = np.asarray(agent.last_episodes)
+            if agent.oracle is not None and agent.oracle.queries:
+                logger.record("train/queries_used", float(agent.oracle.queries))
+            if episodes:
+                eps = np.asarray(episodes)
                 logger.record("rollout/ep_return", eps[:, 0].mean())
                 logger.record("rollout/ep_cost", eps[:, 1].mean())
                 logger.record("rollout/ep_length", eps[:, 2].mean())

@@ -4,8 +4,8 @@ import numpy as np
 
 from rl_align.labels.collect import collect_from_agent
 from rl_align.labels.store import LabelStore
-from rl_align.runs import resolve_config
-from rl_align.train import build_agent
+from rl_align.runs import build_agent, resolve_config
+from rl_align.train import prepare
 
 SMALL = ["agent.ref=init", "agent.n_envs=2", "agent.n_steps=100", "agent.segment_len=20", "run.progress=false",
          "agent.curvature_every=0", "agent.diag_every=0", "run.eval_episodes=1", "agent.win_rate_episodes=1"]
@@ -15,7 +15,7 @@ def agent_for(overrides, env="halfcheetah-pref", agent="sail-revkl", seed=0, ste
     cfg = resolve_config(env, agent, overrides, steps=steps, seed=seed)
     a, venv = build_agent(cfg)
     venv.close()
-    a.prepare(cfg)
+    prepare(a, cfg)
     return cfg, a
 
 

@@ -6,7 +6,8 @@ import pytest
 from rl_align.agents.base import EpisodeTracker
 from rl_align.buffer import RolloutBuffer, gae
 from rl_align.runs import resolve_config
-from rl_align.train import build_agent
+from rl_align.runs import build_agent
+from rl_align.train import prepare
 
 
 def test_gae_hand_computed_with_termination_and_truncation():

@@ -12,7 +12,8 @@ import pytest
 from rl_align.cli import main
 from rl_align.evaluation import evaluate_run, load_agent
 from rl_align.runs import resolve_config
-from rl_align.train import evaluate, train
+from rl_align.evaluation import evaluate
+from rl_align.train import train
 
 TINY = ["agent.n_steps=128", "agent.epochs=2", "run.eval_episodes=2", "env.max_episode_steps=100", "run.progress=false"]
 
@@ -36,9 +37,9 @@ def test_eval_prints_the_metrics_of_the_checkpoint(ppo_run, capsys):
 
     det = evaluate_run(ppo_run, episodes=3, seed=50)
     stoch = evaluate_run(ppo_run, episodes=3, seed=50, deterministic=False)
-    assert det["return"] == pytest.approx(float(ref["return"].mean()))
-    assert det["violation"] == max(0.0, det["cost"] - 25.0) and 0 <= det["over_budget"] <= 1
-    assert stoch["return"] != det["return"]
+    assert det["eval/return_det"] == pytest.approx(float(ref["return"].mean()))
+    assert det["eval/violation"] == max(0.0, det["eval/cost_det"] - 25.0) and 0 <= det["eval/over_budget_det"] <= 1
+    assert stoch["eval/return_stoch"] != det["eval/return_det"]
 
 
 def test_eval_of_a_preference_run_reports_win_rate_and_kl(tmp_path, capsys):
@@ -47,7 +48,7 @@ def test_eval_of_a_preference_run_reports_win_rate_and_kl(tmp_path, capsys):
         "run.eval_episodes=2", "env.max_episode_steps=100", "run.progress=false", f"run.out_dir={tmp_path}"], steps=600, seed=0)
     folder, _ = train(cfg, quiet=True)
     m = evaluate_run(folder, episodes=2)
-    assert 0.0 <= m["win_rate_vs_ref"] <= 1.0 and m["kl_to_ref"] >= 0.0
+    assert 0.0 <= m["eval/win_rate_vs_ref"] <= 1.0 and m["eval/kl_to_ref"] >= 0.0
     assert main(["eval", str(folder), "--episodes", "2"]) == 0
     out = capsys.readouterr().out
     assert "win rate vs reference" in out and "KL to reference" in out
@@ -134,7 +135,8 @@ def test_evaluation_episodes_start_from_distinct_states():
     cfg = resolve_config("halfcheetah", "ppo", ["run.progress=false", "env.max_episode_steps=50"])
     first = make_vec_env(cfg.env, 2, seed=100_000).reset()
     assert not np.allclose(first[0], first[1])
-    from rl_align.train import build_agent
+    from rl_align.runs import build_agent
+    from rl_align.train import prepare
 
     agent, env = build_agent(cfg)
     env.close()

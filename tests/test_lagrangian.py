@@ -16,7 +16,8 @@ from rl_align.errors import UserError
 from rl_align.games import bandit
 from rl_align.multipliers import OPD, PD, PID
 from rl_align.runs import resolve_config
-from rl_align.train import build_agent, train
+from rl_align.runs import build_agent
+from rl_align.train import prepare, train
 
 TINY = ["env.cost.threshold=0.5", "agent.n_envs=2", "agent.n_steps=128", "agent.epochs=2", "env.max_episode_steps=100", "run.progress=false", "run.eval_episodes=1"]
 COSTS = [60.0, 10.0, 40.0, 25.0, 0.0, 0.0, 90.0, 30.0, 26.0, 24.0]  # scripted cost estimates against d = 25
@@ -110,7 +111,7 @@ def test_one_cost_limit_for_training_evaluation_and_report(tmp_path):
     final = summary["final"]
     assert final["eval/violation"] == pytest.approx(max(0.0, final["eval/cost_det"] - 7.5))  # summary
     m = evaluate_run(folder, episodes=1)  # rl-align eval
-    assert m["cost_limit"] == 7.5 and m["violation"] == pytest.approx(max(0.0, m["cost"] - 7.5))
+    assert m["eval/cost_limit"] == 7.5 and m["eval/violation"] == pytest.approx(max(0.0, m["eval/cost_det"] - 7.5))
     assert read_run(folder).cost_limit == 7.5  # the report's limit line
 
 
@@ -120,14 +121,12 @@ def _run(preset, env, sets, iterations, seed=5):
     that rollout's own buffer, and the policy parameters afterwards."""
     cfg = resolve_config(env, preset, sets, steps=10_000, seed=seed)
     agent, venv = build_agent(cfg)
-    if hasattr(agent, "prepare"):
-        agent.prepare(cfg)
+    prepare(agent, cfg)
     tracker, obs, out = EpisodeTracker(venv.n_envs), venv.reset(), []
     for _ in range(iterations):
         obs = agent.collect(venv, obs, tracker)
-        agent.last_episodes = tracker.pop()
         own = 100 * agent.buffer.costs.mean()  # env.max_episode_steps=100 is the horizon
-        metrics = agent.update()
+        metrics = agent.update(tracker.pop())
         out.append((metrics, own, torch.nn.utils.parameters_to_vector(agent.policy.parameters()).detach().clone()))
     venv.close()
     return out
@@ -179,15 +178,14 @@ def test_opd_without_optimism_is_exactly_pd_in_training():
 
 
 def test_layer_state_survives_a_checkpoint(tmp_path):
-    from rl_align.runs import load_checkpoint, save_checkpoint
+    from rl_align.checkpoints import load_checkpoint, save_checkpoint
 
     cfg = resolve_config("halfcheetah", "ppo-opd", TINY + ["env.cost.limit=5", "agent.constraint.lam_lr=0.05"], steps=10_000, seed=2)
     agent, venv = build_agent(cfg)
     tracker, obs = EpisodeTracker(venv.n_envs), venv.reset()
     for _ in range(2):
         obs = agent.collect(venv, obs, tracker)
-        agent.last_episodes = tracker.pop()
-        agent.update()
+        agent.update(tracker.pop())
     save_checkpoint(tmp_path / "last.pt", agent.state_dict())
     other, venv2 = build_agent(cfg)
     other.load_state_dict(load_checkpoint(tmp_path / "last.pt"))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rl_align.cli import main
-from rl_align.runs import load_checkpoint, resolve_config
+from rl_align.checkpoints import load_checkpoint
+from rl_align.runs import resolve_config
 from rl_align.train import TrainingDiverged, resume, train
 
 TINY = ["agent.n_steps=128", "agent.epochs=2", "run.eval_episodes=2", "env.max_episode_steps=100", "run.progress=false",

@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from rl_align.errors import UserError
-from rl_align.runs import create_run_folder, load_checkpoint, load_run_config, resolve_config
+from rl_align.checkpoints import load_checkpoint
+from rl_align.runs import create_run_folder, load_run_config, resolve_config
 from rl_align.train import train
 
 TINY = ["agent.n_steps=256", "run.eval_episodes=2", "env.max_episode_steps=100", "run.progress=false"]
@@ -66,7 +67,8 @@ def test_ppo_raises_inverted_pendulum_return(run_dir):
 
 
 def test_init_starts_from_another_runs_policy_and_normalizer(run_dir):
-    from rl_align.train import build_agent
+    from rl_align.runs import build_agent
+    from rl_align.train import prepare
 
     folder, _ = tiny_run(run_dir, steps=256)
     saved = load_checkpoint(folder)
@@ -74,7 +76,7 @@ def test_init_starts_from_another_runs_policy_and_normalizer(run_dir):
     agent, env = build_agent(cfg)
     env.close()
     fresh = {k: v.clone() for k, v in agent.policy.state_dict().items()}
-    agent.prepare(cfg)
+    prepare(agent, cfg)
     for k, v in agent.policy.state_dict().items():
         assert torch.equal(v, saved["policy"][k])
     assert any(not torch.equal(fresh[k], saved["policy"][k]) for k in fresh)  # seed 1 starts elsewhere without init

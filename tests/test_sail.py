@@ -12,7 +12,8 @@ from rl_align.agents.base import EpisodeTracker
 from rl_align.agents.sail import dpo_term, implicit_reward, pair_accuracy, shift_term, shift_weights
 from rl_align.errors import UserError
 from rl_align.runs import resolve_config
-from rl_align.train import build_agent, train
+from rl_align.runs import build_agent
+from rl_align.train import prepare, train
 
 SMALL = ["agent.ref=init", "agent.n_envs=2", "agent.n_steps=100", "agent.segment_len=20", "run.progress=false"]
 
@@ -20,7 +21,7 @@ SMALL = ["agent.ref=init", "agent.n_envs=2", "agent.n_steps=100", "agent.segment
 def _agent_with_batch(revkl: float, revkl_std: bool = True):
     cfg = resolve_config("halfcheetah-pref", "sail", SMALL + [f"agent.revkl_coef={revkl}", f"agent.revkl_std={str(revkl_std).lower()}"])
     agent, env = build_agent(cfg)
-    agent.prepare(cfg)
+    prepare(agent, cfg)
     with torch.no_grad():  # a reference different from the policy, so h and the KL are not trivially 0
         for p in agent.ref_policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -40,7 +41,7 @@ def test_revkl_zero_is_exactly_sail_and_kl_matches_closed_form():
     params = list(agent.policy.parameters())
     M = len(b["obs"])
     b["shift_w"] = torch.linspace(-1, 1, M)  # any weights fixed at theta_old
-    J0 = agent.objective(agent.objective_terms(b, idx))
+    J0 = agent.loss.objective(agent.loss.terms(b, idx))
     # SAIL by hand: logp from torch.distributions, h = beta sum(logp - logp_ref), both gradient parts
     dist = torch.distributions.Normal(agent.policy.mean(b["obs"]), agent.policy.log_std.exp())
     logp = dist.log_prob(b["actions"]).sum(-1) * b["mask"]  # [M, H]
@@ -56,7 +57,7 @@ def test_revkl_zero_is_exactly_sail_and_kl_matches_closed_form():
 
     # the reverse-KL term: torch's own Normal-Normal KL summed over each segment's steps, mean over segments
     agent.config.revkl_coef = 0.3
-    J = agent.objective(agent.objective_terms(b, idx))
+    J = agent.loss.objective(agent.loss.terms(b, idx))
     ref = torch.distributions.Normal(agent.ref_policy.mean(b["obs"]), agent.ref_policy.log_std.exp())
     cur = torch.distributions.Normal(agent.policy.mean(b["obs"]), agent.policy.log_std.exp())
     kl = (torch.distributions.kl_divergence(cur, ref).sum(-1) * b["mask"]).sum(-1).mean()
@@ -68,7 +69,7 @@ def test_revkl_zero_is_exactly_sail_and_kl_matches_closed_form():
 
 def test_mean_only_kl_leaves_log_std_alone():
     agent, b = _agent_with_batch(1.0, revkl_std=False)
-    kl = agent.objective_terms(b, torch.arange(len(b["pref1"])))["revkl"]
+    kl = agent.loss.terms(b, torch.arange(len(b["pref1"])))["revkl"]
     g = torch.autograd.grad(kl, agent.policy.log_std, allow_unused=True)[0]
     assert g is None or float(g.abs().max()) == 0.0
 
@@ -215,21 +216,21 @@ def test_query_budget_is_respected_and_spent_budget_skips_the_update():
     later ones get no label and are skipped (weights unchanged although Adam has momentum)."""
     cfg = resolve_config("halfcheetah-pref", "sail", SMALL + ["env.oracle.budget=30", "agent.diag_every=0"])
     agent, env = build_agent(cfg)
-    agent.prepare(cfg)
+    prepare(agent, cfg)
     obs, tracker = env.reset(), EpisodeTracker(env.n_envs)
     used = []
     for _ in range(3):
         obs = agent.collect(env, obs, tracker)
         before = torch.nn.utils.parameters_to_vector(agent.policy.parameters()).clone()
-        m = agent.update()
-        used.append(m["train/queries_used"])
+        m = agent.update(tracker.pop())
+        used.append(agent.oracle.queries)
     assert used == [30, 30, 30] and agent.oracle.queries == 30
     assert m.get("train/skipped") == 1.0
     assert torch.equal(before, torch.nn.utils.parameters_to_vector(agent.policy.parameters()))
 
 
 def test_auto_reference_is_trained_once_and_shared_across_oracle_settings(tmp_path):
-    from rl_align.agents.sail import auto_reference
+    from rl_align.train import auto_reference
 
     common = [f"run.out_dir={tmp_path}", "agent.ref_steps=256", "run.eval_episodes=1", "env.max_episode_steps=100"]
     a = auto_reference(resolve_config("halfcheetah-pref", "sail-revkl", common, seed=0))

@@ -28,7 +28,9 @@ from rl_align.errors import UserError  # noqa: E402
 from rl_align.evaluation import evaluate_run, load_agent  # noqa: E402
 from rl_align.runs import resolve_config  # noqa: E402
 from rl_align.sb3 import PolicyView, read_sb3, read_vecnormalize  # noqa: E402
-from rl_align.train import build_agent, evaluate, train  # noqa: E402
+from rl_align.evaluation import evaluate  # noqa: E402
+from rl_align.runs import build_agent  # noqa: E402
+from rl_align.train import prepare, train  # noqa: E402
 
 SHAPES = {  # (SB3 policy_kwargs, rl-align agent.hidden, agent.activation)
     "64x64-tanh": ({}, [64, 64], "tanh"),  # SB3's defaults
@@ -77,7 +79,7 @@ def test_imported_policy_normalizes_and_acts_as_sb3(sb3_models, shape):
                                                 f"agent.activation={activation}", "agent.n_steps=64"], seed=0)
     agent, env = build_agent(cfg)
     env.close()
-    agent.prepare(cfg)  # PPO's agent.init -> Agent.start_from("sb3:...") with vecnormalize.pkl found beside the zip
+    prepare(agent, cfg)  # PPO's agent.init "sb3:..." -> sb3.agent_state, with vecnormalize.pkl found beside the zip
     raw = raw_observations()
     ours, theirs = agent.normalize(raw), venv.normalize_obs(raw).astype(np.float32)
     assert np.abs(theirs).max() == 10.0  # the clip is exercised
@@ -94,7 +96,7 @@ def test_sail_reference_from_an_sb3_model(sb3_models):
                                                            "agent.hidden=[32,16]", "agent.activation=relu", "agent.n_envs=1"], seed=0)
     agent, env = build_agent(cfg)
     env.close()
-    agent.prepare(cfg)
+    prepare(agent, cfg)
     raw = raw_observations(50)
     obs = torch.as_tensor(agent.normalize(raw))
     sb3_mean = model.policy.get_distribution(torch.as_tensor(venv.normalize_obs(raw), dtype=torch.float32)).distribution.mean
@@ -110,14 +112,14 @@ def test_a_mismatched_network_or_model_kind_is_a_one_line_error(sb3_models, tmp_
     agent, env = build_agent(cfg)
     env.close()
     with pytest.raises(UserError, match=r"holds a \[32,16\] relu policy; set agent.hidden=\[32,16\] agent.activation=relu$"):
-        agent.prepare(cfg)
+        prepare(agent, cfg)
     alone = tmp_path / "alone.zip"  # the same model without its normalizer
     alone.write_bytes(zip_path.read_bytes())
     cfg = resolve_config("halfcheetah", "ppo", [f"agent.init=sb3:{alone}", "agent.hidden=[32,16]", "agent.activation=relu", "agent.n_steps=64"], seed=0)
     agent, env = build_agent(cfg)
     env.close()
     with pytest.raises(UserError, match="without a VecNormalize; name it as sb3:<model.zip>:<vecnormalize.pkl>"):
-        agent.prepare(cfg)
+        prepare(agent, cfg)
     SAC("MlpPolicy", "Pendulum-v1", buffer_size=10, device="cpu").save(tmp_path / "sac.zip")
     with pytest.raises(UserError, match="holds a SACPolicy policy; supported: SB3 PPO / A2C 'MlpPolicy'"):
         read_sb3(str(tmp_path / "sac.zip"))
@@ -195,9 +197,9 @@ def test_evaluate_policy_on_the_predict_view_matches_rl_align_eval(rl_align_run,
     # SB3's DummyVecEnv keeps rewards in float32, rl-align sums in float64
     np.testing.assert_allclose(sorted(returns), sorted(ours["return"]), rtol=1e-5)
     assert np.std(returns) > 1e-3  # three different episodes, not one repeated
-    assert evaluate_run(rl_align_run, 3, seed=50)["return"] == pytest.approx(np.mean(returns), rel=1e-5)
+    assert evaluate_run(rl_align_run, 3, seed=50)["eval/return_det"] == pytest.approx(np.mean(returns), rel=1e-5)
     assert main(["eval", str(rl_align_run), "--episodes", "3", "--seed", "50"]) == 0
-    printed = re.search(r"return\s+(-?[\d.]+) ±", capsys.readouterr().out)
+    printed = re.search(r"return \(deterministic\)\s+(-?[\d.]+) ±", capsys.readouterr().out)
     assert abs(float(printed.group(1)) - np.mean(returns)) <= 0.05 + 1e-3  # printed with one decimal
     single, state = view.predict(venv.reset()[0], state="kept", deterministic=True)
     assert single.shape == (6,) and state == "kept"

@@ -108,7 +108,7 @@ def test_sigterm_stops_the_sweep_and_rerun_resumes_the_interrupted_trial(tmp_pat
     row = read_index(tmp_path / "cut")["gamma=0.99-s0"]
     assert row["status"] == "interrupted" and "SIGTERM" in row["error"]
     folder = tmp_path / "cut" / row["run_folder"]
-    from rl_align.runs import load_checkpoint
+    from rl_align.checkpoints import load_checkpoint
 
     assert 0 < load_checkpoint(folder)["env_steps"] < 6144
 

@@ -40,8 +40,10 @@ def test_matrix_is_antisymmetric_with_half_diagonal(runs, tmp_path, deterministi
     assert np.isfinite(res.half_width[0, 1]) and res.half_width[0, 1] >= 0
     files = write_outputs(res, tmp_path)
     rows = list(csv.reader(files[0].open()))
-    assert rows[0] == ["row_vs_column", *res.names, "row_average"]
-    assert float(rows[1][-1]) == pytest.approx((W[0, 1] + W[0, 2]) / 2, abs=1e-4)
+    assert rows[0] == ["row_vs_column", *res.names, "row_average", "kl_to_initial_ref"]
+    assert float(rows[1][-2]) == pytest.approx((W[0, 1] + W[0, 2]) / 2, abs=1e-4)
+    assert rows[1][-1] == "" and np.isnan(res.kl_init_ref).all()  # PPO runs have no reference to drift from
+    np.testing.assert_allclose(res.per_episode.mean(-1), W, atol=1e-12)  # 3 windows in every episode: equal weights
     assert files[2].stat().st_size > 1000
 
 

@@ -6,16 +6,17 @@ import importlib
 
 from rl_align.errors import UserError
 
-REGISTRY: dict[str, type] = {}
+REGISTRY: dict[str, tuple[type, type]] = {}
 _MODULES = ("ppo", "sail", "rlhf", "comal")  # imported lazily so one broken module breaks only itself
 
 
-def register(name: str):
-    """Class decorator: ``@register("ppo")`` makes the agent available as ``algo: ppo``."""
+def register(name: str, config_cls: type | None = None):
+    """Class decorator: ``@register("ppo")`` makes the agent available as ``algo: ppo`` with its
+    ``config_cls``; ``register("rlhf", RLHFConfig)(PPO)`` registers a class under another config (the
+    config builds the components that make the difference)."""
 
     def wrap(cls: type) -> type:
-        REGISTRY[name] = cls
-        cls.algo = name
+        REGISTRY[name] = (cls, config_cls or cls.config_cls)
         return cls
 
     return wrap
@@ -30,7 +31,8 @@ def _load_all() -> None:
                 raise
 
 
-def get_agent_class(algo: str) -> type:
+def get_agent(algo: str) -> tuple[type, type]:
+    """``(agent class, config dataclass)`` of ``algo``."""
     _load_all()
     if algo not in REGISTRY:
         raise UserError(f"unknown algorithm {algo!r}; known: {', '.join(sorted(REGISTRY))}")

@@ -58,10 +58,9 @@ class AgentConfig:
 class Agent:
     """Base of every algorithm (the only class between an agent and ``object``)."""
 
-    algo = "base"
     config_cls = AgentConfig
 
-    def __init__(self, config: AgentConfig, env: VecEnv, seed: int, device: str = "cpu", oracle=None) -> None:
+    def __init__(self, config: AgentConfig, env: VecEnv, seed: int, device: str = "cpu", oracle=None, total_steps: int = 1) -> None:
         self.config, self.device, self.oracle = config, torch.device(device), oracle
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         self.act_low, self.act_high = env.action_space.low, env.action_space.high
@@ -78,44 +77,58 @@ class Agent:
         self.lagrangian = (Lagrangian(c.constraint, self, limit=env.config.cost.limit, horizon=episode_horizon(env.config))  # d = env.cost.limit
                            if c.constraint.method != "none" else None)
         self.env_steps = 0
-        self.total_steps = 1  # set by the trainer, for the learning-rate schedule
+        self.total_steps = total_steps  # the run's budget, for the learning-rate schedule
         self.updates = 0
         self.freeze_obs_rms = False  # preference agents see states through pi_ref's frozen normalizer
 
-    def start_from(self, path) -> dict:
-        """Copy the policy and observation normalizer of a run folder or checkpoint (an "SFT" start), or of
-        an SB3 model named ``sb3:<model.zip>[:<vecnormalize.pkl>]`` (read without unpickling: rl_align/sb3.py)."""
-        from rl_align.runs import load_checkpoint
+    # ---- what the agent starts from ----------------------------------------------------------------
+    def start_spec(self) -> str | None:
+        """What this agent's weights start from, as configured: a run folder or checkpoint, ``sb3:<zip>``,
+        ``auto`` (the cached PPO reference) or None. The training loop resolves it (``train.prepare``)."""
+        return None
 
-        if str(path).startswith("sb3:"):
-            from rl_align.sb3 import agent_state
+    def prepare(self, start: dict | None, source: str = "") -> None:
+        """Called once before training with the resolved start (``{"policy", "obs_rms"}``) or None."""
+        if start is not None:
+            self.load_start(start, source)
 
-            state = agent_state(str(path)[len("sb3:"):], self)
-        else:
-            state = load_checkpoint(path)
+    def load_start(self, state: dict, source: str) -> None:
+        """Copy the policy and observation normalizer of ``state`` (an "SFT" start) read from ``source``."""
         if "policy" not in state or "obs_rms" not in state:
-            raise UserError(f"{path} holds no policy; give a run folder or checkpoint written by rl-align train")
+            raise UserError(f"{source} holds no policy; give a run folder or checkpoint written by rl-align train")
         try:
             self.policy.load_state_dict(state["policy"])
         except RuntimeError:
-            raise UserError(f"the policy at {path} has a different network than agent.hidden={self.config.hidden}; "
+            raise UserError(f"the policy at {source} has a different network than agent.hidden={self.config.hidden}; "
                             "set agent.hidden / agent.activation to match it") from None
         self.obs_rms.load_state_dict(state["obs_rms"])
-        return state
+
+    def reference(self) -> torch.nn.Module | None:
+        """The policy evaluation measures this agent against (win rate, KL): pi_ref, or None."""
+        return None
+
+    def moving_reference(self) -> torch.nn.Module | None:
+        """A reference that moves during training (COMAL's prox centre), for ``eval/kl_to_current_ref``; or None."""
+        return None
 
     # ---- acting ---------------------------------------------------------------------------------
     def normalize(self, raw_obs: np.ndarray) -> np.ndarray:
         return self.obs_rms.normalize(raw_obs) if self.config.normalize_obs else raw_obs.astype(np.float32)
 
-    def actor(self) -> "NumpyActor":
-        """A NumPy snapshot of the current policy and critics for acting (see ``nets.numpy_forward``)."""
-        return NumpyActor(self)
+    def actor(self, policy: torch.nn.Module | None = None) -> "NumpyActor":
+        """A NumPy snapshot for acting (see ``nets.numpy_forward``): the current policy and critics, or
+        ``policy`` alone (e.g. pi_ref, seen through this agent's normalizer)."""
+        if policy is not None:
+            return NumpyActor(policy)
+        return NumpyActor(self.policy, self.value, self.cost_value)
 
-    def act(self, raw_obs: np.ndarray, deterministic: bool = False, actor: "NumpyActor | None" = None) -> np.ndarray:
-        """Env-ready actions ``[N, act_dim]`` (clipped to the bounds) from raw observations."""
+    def act(self, raw_obs: np.ndarray, deterministic: bool = False, actor: "NumpyActor | None" = None,
+            rng: np.random.Generator | None = None) -> np.ndarray:
+        """Env-ready actions ``[N, act_dim]`` (clipped to the bounds) from raw observations; action noise
+        from ``rng`` (default: the agent's own stream)."""
         actor = actor or self.actor()
         obs = self.normalize(raw_obs)
-        action = actor.mean(obs) if deterministic else actor.sample(obs, self.act_rng)[0]
+        action = actor.mean(obs) if deterministic else actor.sample(obs, rng if rng is not None else self.act_rng)[0]
         return np.clip(action, self.act_low, self.act_high)
 
     # ---- rollout ----------------------------------------------------------------------------------
@@ -144,8 +157,9 @@ class Agent:
         self.env_steps += buf.T * buf.N
         return raw_obs
 
-    def update(self) -> dict[str, float]:
-        """One learning step on ``self.buffer``; returns scalars to log (``train/...``)."""
+    def update(self, episodes: list[tuple[float, float, int]]) -> dict[str, float]:
+        """One learning step on ``self.buffer``; ``episodes`` are the ``(return, cost, length)`` of the
+        episodes that ended in this rollout. Returns scalars to log (``train/``, ``pref/``, ``safety/``...)."""
         raise NotImplementedError
 
     # ---- optimizer helpers -------------------------------------------------------------------------
@@ -208,14 +222,14 @@ def adam_kwargs(device: torch.device) -> dict:
 
 
 class NumpyActor:
-    """Acting copy of an agent's networks, in NumPy: ``mean``, ``sample`` (with log-prob), ``values``."""
+    """Acting copy of a policy (and critics), in NumPy: ``mean``, ``sample`` (with log-prob), ``values``."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.mean = numpy_forward(agent.policy.mean)
-        self.log_std = agent.policy.log_std.detach().cpu().numpy().astype(np.float64)
+    def __init__(self, policy: GaussianPolicy, value: ValueNet | None = None, cost_value: ValueNet | None = None) -> None:
+        self.mean = numpy_forward(policy.mean)
+        self.log_std = policy.log_std.detach().cpu().numpy().astype(np.float64)
         self.std = np.exp(self.log_std)
-        self.value = numpy_forward(agent.value.net)
-        self.cost_value = numpy_forward(agent.cost_value.net) if agent.cost_value is not None else None
+        self.value = numpy_forward(value.net) if value is not None else None
+        self.cost_value = numpy_forward(cost_value.net) if cost_value is not None else None
 
     def sample(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """``a = mu(s) + std * eps`` and ``log pi(a|s)``, ``[N, act_dim]`` and ``[N]``."""

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from rl_align.errors import UserError
+from rl_align.losses import clipped_surrogate
 from rl_align.multipliers import OPD, PD, PID
 from rl_align.nets import ValueNet
 
@@ -112,8 +113,9 @@ class Lagrangian:
         return self.horizon * float(np.mean(costs))
 
     # ---- hooks the agents call ----------------------------------------------------------------------
-    def before_update(self, agent) -> dict[str, float]:
-        """Dual step on this rollout's cost estimate, then the Lagrangian advantages for the primal step."""
+    def before_update(self, agent, episodes: list[tuple[float, float, int]]) -> dict[str, float]:
+        """Dual step on this rollout's cost estimate, then the Lagrangian advantages for the primal step;
+        ``episodes`` (``(return, cost, length)`` of those that ended in the rollout) are only logged."""
         buf = agent.buffer
         jc = self.cost_estimate(buf.costs)
         self.multiplier.update(jc)
@@ -124,15 +126,12 @@ class Lagrangian:
         m = {"safety/cost_estimate": jc, "safety/estimate_steps": float(buf.costs.size), "safety/violation": viol,
              "safety/lambda": self.lam, "safety/lambda_prev": self.multiplier.lam_prev, "safety/primal_lambda": lam_p,
              "safety/primal_shift": lam_p - self.lam, "safety/cum_violation": self.cum_violation, "safety/limit": self.limit}
-        if agent.last_episodes:  # finished episodes, logged beside the estimate (not used by the multiplier)
-            ep_costs = np.asarray([e[1] for e in agent.last_episodes])
+        if episodes:  # finished episodes, logged beside the estimate (not used by the multiplier)
+            ep_costs = np.asarray([e[1] for e in episodes])
             m.update({"safety/ep_cost": float(ep_costs.mean()), "safety/over_budget_share": float((ep_costs > self.limit).mean())})
         a_l = (buf.advantages - lam_p * buf.cost_advantages) / (1.0 + lam_p)  # A_L = (A_r - lam A_c) / (1 + lam)
         self.advantages = torch.as_tensor(a_l.reshape(-1), dtype=torch.float32, device=agent.device)
         return m
-
-    def policy_advantages(self, agent, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.advantages
 
     def cost_value_loss(self, agent, batch: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
         """``0.5 (V_c(s) - R_c)^2`` on the minibatch: the cost critic learns beside the reward critic."""
@@ -141,8 +140,6 @@ class Lagrangian:
     def sail_cost_loss(self, agent, batch: dict[str, torch.Tensor], n_minibatches: int) -> torch.Tensor:
         """For preference agents: ``lam_p`` times the clipped cost surrogate on a random minibatch of steps,
         plus the cost critic's loss (minimized beside the preference loss)."""
-        from rl_align.agents.ppo import clipped_surrogate
-
         n = batch["obs"].shape[0]
         idx = torch.as_tensor(agent.rng.choice(n, size=max(1, n // n_minibatches), replace=False), device=agent.device)
         a_c = batch["cost_advantages"][idx]
@@ -150,9 +147,6 @@ class Lagrangian:
         logp = agent.policy.log_prob(batch["obs"][idx], batch["actions"][idx])
         cost_surr, _, _ = clipped_surrogate(logp, batch["logp"][idx], -a_c, agent.config.clip)  # minimizing lowers cost
         return self.primal_lam * cost_surr + 0.5 * self.cost_value_loss(agent, batch, idx)
-
-    def after_update(self, agent) -> dict[str, float]:
-        return {}
 
     def state_dict(self) -> dict:
         return {"multiplier": self.multiplier.state_dict(), "primal_lam": self.primal_lam,

@@ -14,6 +14,7 @@ import torch
 from rl_align.agents import register
 from rl_align.agents.base import Agent, AgentConfig
 from rl_align.errors import UserError
+from rl_align.losses import clipped_surrogate
 from rl_align.nets import RunningMeanStd
 
 
@@ -32,39 +33,35 @@ class PPOConfig(AgentConfig):
         if self.vf_coef < 0 or self.ent_coef < 0:
             raise UserError("agent.vf_coef and agent.ent_coef must be >= 0")
 
-
-def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO-clip loss to *minimize*, ``-E[min(rho A, clip(rho) A)]``; also approx KL and clip fraction."""
-    log_ratio = logp - old_logp
-    ratio = log_ratio.exp()
-    loss = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - log_ratio).mean()  # k3 estimator (Schulman 2020)
-        clipfrac = ((ratio - 1).abs() > clip).float().mean()
-    return loss, approx_kl, clipfrac
+    def reward_component(self, agent) -> "EnvReward":
+        """The component that turns a rollout into PPO's rewards (RLHFConfig returns a learned one)."""
+        return EnvReward(self, agent.buffer.N)
 
 
-@register("ppo")
-class PPO(Agent):
-    config_cls = PPOConfig
-    config: PPOConfig
+class EnvReward:
+    """PPO's reward component for the true reward: raw, or divided by the running std of the discounted
+    return (SB3 VecNormalize-style). RLHF swaps in a learned reward (rl_align.agents.rlhf)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: PPOConfig, n_envs: int) -> None:
+        self.config = config
         self.ret_rms = RunningMeanStd(())
-        self.ret_acc = np.zeros(self.buffer.N)  # running discounted return per env, for reward scaling
+        self.ret_acc = np.zeros(n_envs)  # running discounted return per env, for reward scaling
 
     def modules(self) -> dict:
-        return {**super().modules(), "ret_rms": self.ret_rms}
+        return {"ret_rms": self.ret_rms}
 
-    def prepare(self, cfg) -> None:
-        if self.config.init:
-            self.start_from(self.config.init)
+    def prepare(self, agent, started: bool) -> None:
+        pass
 
-    def training_rewards(self) -> np.ndarray:
-        """Rewards the critic learns from, ``[T, N]``: raw, or divided by the running std of the
-        discounted return (updated here with this rollout's returns)."""
-        buf = self.buffer
+    def reference(self) -> torch.nn.Module | None:
+        return None
+
+    def before_update(self, agent) -> dict[str, float]:
+        return {}
+
+    def rewards(self, agent) -> np.ndarray:
+        """Rewards the critic learns from, ``[T, N]`` (the running std updated with this rollout's returns)."""
+        buf = agent.buffer
         if not self.config.normalize_reward:
             return buf.rewards
         returns = np.empty_like(buf.rewards)
@@ -75,22 +72,54 @@ class PPO(Agent):
         self.ret_rms.update(returns.reshape(-1))
         return np.clip(buf.rewards / np.sqrt(self.ret_rms.var + 1e-8), -10, 10)
 
-    def policy_advantages(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Advantages the policy step uses: ``A_r``, or the Lagrangian combination when constrained."""
-        if self.lagrangian is not None:
-            return self.lagrangian.policy_advantages(self, batch)
-        return batch["advantages"]
+    def state_dict(self) -> dict:
+        return {"ret_acc": torch.as_tensor(self.ret_acc)}
 
-    def update(self) -> dict[str, float]:
+    def load_state_dict(self, state: dict) -> None:
+        self.ret_acc = state["ret_acc"].numpy().copy()
+
+
+@register("ppo")
+class PPO(Agent):
+    """PPO on the reward its ``reward`` component gives (the true reward; a learned one for ``rlhf``)."""
+
+    config_cls = PPOConfig
+    config: PPOConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reward = self.config.reward_component(self)
+
+    def modules(self) -> dict:
+        return {**super().modules(), **self.reward.modules()}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "reward": self.reward.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "reward" in state:
+            self.reward.load_state_dict(state["reward"])
+
+    def start_spec(self) -> str | None:
+        return self.config.init
+
+    def prepare(self, start: dict | None, source: str = "") -> None:
+        super().prepare(start, source)
+        self.reward.prepare(self, start is not None)
+
+    def reference(self) -> torch.nn.Module | None:
+        return self.reward.reference()
+
+    def update(self, episodes: list[tuple[float, float, int]]) -> dict[str, float]:
         c, buf = self.config, self.buffer
+        metrics: dict[str, float] = self.reward.before_update(self)  # RLHF: new labels, reward-model fit
         lr = self.set_lr()
-        self.gae_rewards = self.training_rewards()
-        buf.compute_gae(c.gamma, c.gae_lambda, rewards=self.gae_rewards)
-        metrics: dict[str, float] = {}
+        buf.compute_gae(c.gamma, c.gae_lambda, rewards=self.reward.rewards(self))
         if self.lagrangian is not None:
-            metrics.update(self.lagrangian.before_update(self))
+            metrics.update(self.lagrangian.before_update(self, episodes))
         batch = buf.flat(self.device)
-        adv_all = self.policy_advantages(batch)
+        adv_all = self.lagrangian.advantages if self.lagrangian is not None else batch["advantages"]  # A_L or A_r
         n = buf.T * buf.N
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "grad_norm")}
         stop = False
@@ -116,8 +145,6 @@ class PPO(Agent):
             if stop:
                 break
         self.updates += 1
-        if self.lagrangian is not None:
-            metrics.update(self.lagrangian.after_update(self))
         y, v = buf.returns.reshape(-1), buf.values.reshape(-1)
         explained = 1 - np.var(y - v) / np.var(y) if np.var(y) > 0 else float("nan")
         metrics.update({f"train/{k}": float(np.mean(v)) for k, v in stats.items()})

@@ -13,8 +13,9 @@ reference (the policy it started from, ``init``):
     r_t = norm(r_hat(s_t, a_t)) - kl_coef * [log pi(a_t|s_t) - log pi_ref(a_t|s_t)]
 
 (a per-step sample of KL(pi || pi_ref), so "implicit vs explicit reward under the same reverse KL" is one
-comparison with SAIL-RevKL). PPO's update is reused as is: only ``training_rewards`` changes. The true
-reward reaches the agent only through the oracle's labels.
+comparison with SAIL-RevKL). Composition, not a subclass: ``algo: rlhf`` is the PPO agent whose reward
+component is :class:`LearnedReward` (built by ``RLHFConfig.reward_component``). The true reward reaches
+the agent only through the oracle's labels.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from rl_align.agents import register
 from rl_align.agents.ppo import PPO, PPOConfig
+from rl_align.agents.preferences import label_pairs, pair_accuracy
 from rl_align.errors import UserError
 from rl_align.labels.learn import rlhf_preferences
 from rl_align.nets import RunningMeanStd, mlp
@@ -49,6 +51,7 @@ class RLHFConfig(PPOConfig):
     kl_coef: float = 0.0  # per-step reverse-KL penalty to pi_ref (the init policy), InstructGPT-style
     ref_agent: str = "ppo"  # preset that trains the reference when init is auto
     ref_steps: int = 50_000  # env steps of that reference's PPO run
+    win_rate_episodes: int = 4  # matched rollouts per evaluation for the win rate against pi_ref
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +64,9 @@ class RLHFConfig(PPOConfig):
             raise UserError(f"agent.kl_coef must be >= 0, got {self.kl_coef}")
         if self.rm_lr <= 0:
             raise UserError(f"agent.rm_lr must be > 0, got {self.rm_lr}")
+
+    def reward_component(self, agent) -> "LearnedReward":
+        return LearnedReward(self, agent)
 
 
 class RewardModel(torch.nn.Module):
@@ -96,115 +102,104 @@ class RewardModel(torch.nn.Module):
     @torch.no_grad()
     def accuracy(self, s1: tuple, s2: tuple, labels: torch.Tensor) -> float:
         """Share of non-tie pairs whose preferred segment gets the higher predicted return."""
-        decided = labels != 0.5
-        if not decided.any():
-            return float("nan")
-        pred = self.segment_return(*s1) > self.segment_return(*s2)
-        return float((pred[decided] == (labels[decided] > 0.5)).float().mean())
+        return pair_accuracy(self.segment_return(*s1), self.segment_return(*s2), labels)
 
 
-@register("rlhf")
-class RLHF(PPO):
-    config_cls = RLHFConfig
-    config: RLHFConfig
+class LearnedReward:
+    """PPO's reward component for RLHF: the preference dataset, the reward model and its optimizer, the
+    reward normalizer and pi_ref for the KL penalty. ``before_update`` spends queries and refits."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.oracle is None:
+    def __init__(self, config: RLHFConfig, agent) -> None:
+        if agent.oracle is None:
             raise UserError("rlhf learns its reward from preference labels: the env needs an oracle section")
-        c = self.config
-        obs_dim, act_dim = self.buffer.obs.shape[-1], self.buffer.actions.shape[-1]
-        self.reward_model = RewardModel(obs_dim, act_dim, c.rm_hidden, c.rm_ensemble).to(self.device)
-        self.rm_optimizer = torch.optim.Adam(self.reward_model.parameters(), lr=c.rm_lr)
+        self.config, self.oracle = config, agent.oracle
+        obs_dim, act_dim = agent.buffer.obs.shape[-1], agent.buffer.actions.shape[-1]
+        self.model = RewardModel(obs_dim, act_dim, config.rm_hidden, config.rm_ensemble).to(agent.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.rm_lr)
         self.rhat_rms = RunningMeanStd(())
         # the growing preference dataset: raw observations (normalized when used), actions, labels
-        H = c.segment_len
+        H = config.segment_len
         self.data = {"obs1": np.zeros((0, H, obs_dim), np.float32), "act1": np.zeros((0, H, act_dim), np.float32),
                      "mask1": np.zeros((0, H), np.float32), "obs2": np.zeros((0, H, obs_dim), np.float32),
                      "act2": np.zeros((0, H, act_dim), np.float32), "mask2": np.zeros((0, H), np.float32),
                      "label": np.zeros(0, np.float32)}
-        self.kl_sample = 0.0
-        self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False)  # pi_ref: the policy the run starts from
+        self.log_ratio = np.zeros(0)  # of the current rollout, set by before_update
+        self.ref_policy = copy.deepcopy(agent.policy).requires_grad_(False)  # pi_ref: the policy the run starts from
 
     def modules(self) -> dict:
-        return {**super().modules(), "reward_model": self.reward_model, "rm_optimizer": self.rm_optimizer, "rhat_rms": self.rhat_rms,
-                "ref_policy": self.ref_policy}
+        return {"reward_model": self.model, "rm_optimizer": self.optimizer, "rhat_rms": self.rhat_rms, "ref_policy": self.ref_policy}
 
-    def prepare(self, cfg) -> None:
-        """Start from ``init`` (``auto``: the same PPO reference SAIL's ``ref: auto`` uses); it is pi_ref."""
-        from rl_align.agents.sail import auto_reference
+    def prepare(self, agent, started: bool) -> None:
+        """pi_ref <- the policy the run starts from (``init``); a started policy keeps its normalizer frozen."""
+        agent.freeze_obs_rms = started  # pi and pi_ref see states through the reference's normalizer
+        self.ref_policy.load_state_dict(agent.policy.state_dict())
 
-        if self.config.init:
-            self.start_from(auto_reference(cfg) if self.config.init == "auto" else self.config.init)
-            self.freeze_obs_rms = True  # pi and pi_ref see states through the reference's normalizer
-        self.ref_policy.load_state_dict(self.policy.state_dict())
+    def reference(self) -> torch.nn.Module:
+        return self.ref_policy
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "preference_data": {k: torch.as_tensor(v) for k, v in self.data.items()}}
+        return {"preference_data": {k: torch.as_tensor(v) for k, v in self.data.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
         self.data = {k: v.numpy() for k, v in state["preference_data"].items()}
 
-    def _collect_preferences(self) -> dict[str, float]:
+    def _collect(self, agent) -> dict[str, float]:
         """Label new pairs of this rollout's segments (within the budget) and add them to the dataset.
         Before they join it, the reward model ranks them: its held-out accuracy on the fresh rollout."""
-        c, buf = self.config, self.buffer
+        c = self.config
         if self.oracle.config.kind == "human":  # labels a person gave in a label store (rl_align/labels/learn.py)
-            return rlhf_preferences(self)
-        seg = buf.segments(c.segment_len)
+            return rlhf_preferences(agent, self)
         remaining = self.oracle.remaining()
         want = c.queries_per_update if remaining is None else min(c.queries_per_update, remaining)
-        if len(seg) < 2 or want == 0:
+        lp = label_pairs(agent.buffer, c.segment_len, want, agent.rng, self.oracle)
+        if lp is None:
             return {"rlhf/new_pairs": 0.0}
-        i, j = buf.pairs(len(seg), want, self.rng)
-        s1, s2 = seg.take(i), seg.take(j)
-        labels = self.oracle.label(s1, s2)
+        seg, i, j, labels = lp.seg, lp.i, lp.j, lp.labels
         keep = np.isfinite(labels)  # skipped queries carry nothing; ties stay as targets of 1/2
-        t_idx = seg.start[:, None] + np.minimum(np.arange(c.segment_len)[None], seg.mask.sum(-1, keepdims=True) - 1)
-        raw = buf.raw_obs[t_idx, seg.env[:, None]]  # [M, H, obs_dim], padding after a fall repeats the last state
-        new = {"obs1": raw[i[keep]], "act1": seg.actions[i[keep]], "mask1": seg.mask[i[keep]].astype(np.float32),
-               "obs2": raw[j[keep]], "act2": seg.actions[j[keep]], "mask2": seg.mask[j[keep]].astype(np.float32),
+        new = {"obs1": seg.raw_obs[i[keep]], "act1": seg.actions[i[keep]], "mask1": seg.mask[i[keep]].astype(np.float32),
+               "obs2": seg.raw_obs[j[keep]], "act2": seg.actions[j[keep]], "mask2": seg.mask[j[keep]].astype(np.float32),
                "label": labels[keep].astype(np.float32)}
-        m = {"rlhf/new_pairs": float(keep.sum()), "pref/oracle_agreement": self.oracle.agreement(s1, s2, labels)}
+        m = {"rlhf/new_pairs": float(keep.sum()), "pref/oracle_agreement": lp.agreement}
         if keep.any():
-            m["pref/heldout_accuracy"] = self.reward_model.accuracy(*self._tensors(new, np.ones(int(keep.sum()), bool)))
+            m["pref/heldout_accuracy"] = self.model.accuracy(*self._tensors(agent, new, np.ones(int(keep.sum()), bool)))
         for k, v in new.items():
             self.data[k] = np.concatenate([self.data[k], v])
         return m
 
-    def _tensors(self, d: dict[str, np.ndarray], mask: np.ndarray) -> tuple[tuple, tuple, torch.Tensor]:
-        t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)  # noqa: E731
-        return ((t(self.normalize(d["obs1"][mask])), t(d["act1"][mask]), t(d["mask1"][mask])),
-                (t(self.normalize(d["obs2"][mask])), t(d["act2"][mask]), t(d["mask2"][mask])), t(d["label"][mask]))
+    def _tensors(self, agent, d: dict[str, np.ndarray], mask: np.ndarray) -> tuple[tuple, tuple, torch.Tensor]:
+        t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=agent.device)  # noqa: E731
+        return ((t(agent.normalize(d["obs1"][mask])), t(d["act1"][mask]), t(d["mask1"][mask])),
+                (t(agent.normalize(d["obs2"][mask])), t(d["act2"][mask]), t(d["mask2"][mask])), t(d["label"][mask]))
 
-    def training_rewards(self) -> np.ndarray:
-        """The learned reward for every step of the rollout, ``[T, N]``, normalized by its running
-        statistics, minus ``kl_coef`` times the sampled log-ratio to pi_ref."""
-        buf = self.buffer
-        obs, act = torch.as_tensor(buf.obs, device=self.device), torch.as_tensor(buf.actions, device=self.device)
-        with torch.no_grad():
-            rhat = self.reward_model(obs, act).cpu().numpy()
-            log_ratio = buf.logp - self.ref_policy.log_prob(obs, act).cpu().numpy()  # log pi_old(a|s) - log pi_ref(a|s)
-        self.rhat_rms.update(rhat.reshape(-1))
-        r = np.clip((rhat - self.rhat_rms.mean) / np.sqrt(self.rhat_rms.var + 1e-8), -10, 10)
-        self.kl_sample = float(log_ratio.mean())
-        return r - self.config.kl_coef * log_ratio
-
-    def update(self) -> dict[str, float]:
+    def before_update(self, agent) -> dict[str, float]:
+        """New labels, then the reward model refit on every pair but the held-out ones."""
         c = self.config
-        m = self._collect_preferences()
+        m = self._collect(agent)
         n = len(self.data["label"])
         holdout = np.arange(n) % c.holdout_every == c.holdout_every - 1
         m["rlhf/pairs"] = float(n)
         if (~holdout).any():
-            s1, s2, y = self._tensors(self.data, ~holdout)
-            m["rlhf/rm_loss"] = self.reward_model.fit(self.rm_optimizer, s1, s2, y, c.rm_epochs, c.rm_batch, self.rng)
-            m["pref/train_accuracy"] = self.reward_model.accuracy(s1, s2, y)
+            s1, s2, y = self._tensors(agent, self.data, ~holdout)
+            m["rlhf/rm_loss"] = self.model.fit(self.optimizer, s1, s2, y, c.rm_epochs, c.rm_batch, agent.rng)
+            m["pref/train_accuracy"] = self.model.accuracy(s1, s2, y)
         if holdout.any():
-            m["rlhf/rm_accuracy"] = self.reward_model.accuracy(*self._tensors(self.data, holdout))
-        metrics = super().update()  # PPO on the learned reward (training_rewards above)
-        metrics.update(m)
-        metrics["train/kl_ref_sample"] = self.kl_sample
-        metrics["train/queries_used"] = float(self.oracle.queries)
-        return metrics
+            m["rlhf/rm_accuracy"] = self.model.accuracy(*self._tensors(agent, self.data, holdout))
+        buf = agent.buffer
+        with torch.no_grad():  # log pi_old(a|s) - log pi_ref(a|s): a per-step sample of KL(pi || pi_ref)
+            ref_logp = self.ref_policy.log_prob(torch.as_tensor(buf.obs, device=agent.device), torch.as_tensor(buf.actions, device=agent.device))
+        self.log_ratio = buf.logp - ref_logp.cpu().numpy()
+        m["train/kl_ref_sample"] = float(self.log_ratio.mean())
+        return m
+
+    def rewards(self, agent) -> np.ndarray:
+        """The learned reward for every step of the rollout, ``[T, N]``, normalized by its running
+        statistics, minus ``kl_coef`` times the sampled log-ratio to pi_ref."""
+        buf = agent.buffer
+        with torch.no_grad():
+            rhat = self.model(torch.as_tensor(buf.obs, device=agent.device), torch.as_tensor(buf.actions, device=agent.device)).cpu().numpy()
+        self.rhat_rms.update(rhat.reshape(-1))
+        r = np.clip((rhat - self.rhat_rms.mean) / np.sqrt(self.rhat_rms.var + 1e-8), -10, 10)
+        return r - self.config.kl_coef * self.log_ratio
+
+
+register("rlhf", RLHFConfig)(PPO)

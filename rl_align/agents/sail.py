@@ -25,12 +25,7 @@ Constrained variant: when ``self.lagrangian`` is set (rl_align.agents.lagrangian
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +33,7 @@ import torch.nn.functional as F
 
 from rl_align.agents import register
 from rl_align.agents.base import Agent, AgentConfig
+from rl_align.agents.preferences import label_pairs, pair_accuracy, segment_logp
 from rl_align.diagnostics import DiagnosticsConfig, PLDiagnostics, flat_grad
 from rl_align.errors import UserError
 from rl_align.labels.learn import sail_batch
@@ -92,6 +88,14 @@ class SAILConfig(AgentConfig):
         if self.diag_pairs < 2 or self.win_rate_episodes < 1:
             raise UserError("agent.diag_pairs must be >= 2 and agent.win_rate_episodes >= 1")
 
+    def make_loss(self, agent) -> "SAILLoss":
+        """The objective component (COMALConfig returns its inner solver's)."""
+        return SAILLoss(agent)
+
+    def make_schedule(self, agent):
+        """The reference schedule component: none, pi_ref stays fixed (COMALConfig returns its outer loop)."""
+        return None
+
 
 def implicit_reward(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """``h(s) = beta * sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)]`` over the real steps, ``[M]`` from ``[M, H]``."""
@@ -137,14 +141,6 @@ def segment_kl(kl_steps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (kl_steps * mask).sum(-1)
 
 
-def pair_accuracy(h_i: torch.Tensor, h_j: torch.Tensor, pref1: torch.Tensor) -> float:
-    """Share of labelled pairs whose preferred segment the signal ``h`` ranks higher (ties count 1/2)."""
-    if len(pref1) == 0:
-        return float("nan")
-    agree = torch.where(pref1 > 0.5, torch.sign(h_i - h_j), torch.sign(h_j - h_i))
-    return float(((agree + 1) / 2).mean())
-
-
 class PairStore:
     """The labelled pairs of the last ``window`` rollouts, with what the DPO part needs to recompute
     ``h``: each segment's states, actions, mask and ``pi_ref`` log-probs. A component with its own state."""
@@ -184,6 +180,81 @@ class PairStore:
         self.rollouts = [dict(r) for r in state["rollouts"]]
 
 
+class SAILLoss:
+    """SAIL(-RevKL)'s objective on a batch of labelled pairs: its terms, ``J``, the per-term gradient
+    diagnostics and the fixed-batch ``f`` of the PL diagnostics. A component of the preference agent:
+    COMAL's INPO loss (rl_align.agents.comal) has the same interface and takes its place."""
+
+    def __init__(self, agent: "SAIL") -> None:
+        self.agent = agent
+
+    def prepare(self, b: dict) -> float:
+        """Called on each fresh batch before the update; a statistic of it at theta_old (none for SAIL)."""
+        return float("nan")
+
+    def terms(self, b: dict, idx: torch.Tensor, policy=None) -> dict[str, torch.Tensor]:
+        """The terms of J on the pairs ``idx`` of batch ``b``: ``dpo`` (mean log sigmoid), ``shift`` (on
+        the fresh segments, with the weights ``b["shift_w"]`` fixed at theta_old; 0 without them),
+        ``revkl`` (segment-summed reverse KL, mean over the fresh segments) and ``bc``."""
+        a, c = self.agent, self.agent.config
+        policy = policy if policy is not None else a.policy
+        i, j, pref1 = b["i"][idx], b["j"][idx], b["pref1"][idx]
+        n_fresh = int(b.get("n_fresh_segments", len(b["obs"])))
+        fresh = torch.arange(n_fresh, device=a.device)
+        seg_idx = torch.cat([i, j, fresh]).unique()
+        logp, dist = a.segment_logp(b, seg_idx, policy)
+        h = implicit_reward(logp, b["ref_logp"], b["mask"], c.beta)
+        w_idx, l_idx = torch.where(pref1 > 0.5, i, j), torch.where(pref1 > 0.5, j, i)
+        logsig = dpo_term(h[w_idx], h[l_idx], c.loser_weight)
+        terms = {"dpo": logsig.mean(), "logsig": logsig, "logp": logp, "h": h}
+        terms["bc"] = logp[w_idx].sum(-1).mean()  # winners' segment log-likelihood
+        if "shift_w" in b:
+            shift = shift_term(logp[:n_fresh], b["old_logp"][:n_fresh], b["mask"][:n_fresh], b["shift_w"], c.clip)
+            terms["shift"] = shift / n_fresh if c.normalize_shift else shift
+        else:
+            terms["shift"] = torch.zeros((), device=a.device)
+        pos = torch.searchsorted(seg_idx, fresh)  # rows of the fresh segments in `dist`
+        ref_mu = b.get("ref_mu")  # pi_ref's mean on the fresh states: fixed during an update, computed once
+        if ref_mu is None:
+            with torch.no_grad():
+                ref_mu = a.ref_policy.mean(b["obs"][fresh])
+        kl_steps = gaussian_kl(dist.loc[pos], policy.log_std, ref_mu, a.ref_policy.log_std, std_part=c.revkl_std)  # [M, H]
+        terms["revkl"] = segment_kl(kl_steps, b["mask"][:n_fresh]).mean()
+        return terms
+
+    def objective(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``J = dpo + shift_coef * shift - revkl_coef * KL_seg (+ bc_coef * bc)`` (SAIL-RevKL; revkl_coef = 0 is SAIL)."""
+        c = self.agent.config
+        return terms["dpo"] + c.shift_coef * terms["shift"] - c.revkl_coef * terms["revkl"] + c.bc_coef * terms["bc"]
+
+    def fixed_batch_objective(self, b: dict, idx: torch.Tensor):
+        """``f(policy)``: the SAIL(-RevKL) objective on a fixed batch of pairs, where the sampling
+        distribution does not move, so its value and gradient are of one function (PL diagnostics)."""
+        c = self.agent.config
+        return lambda policy: (lambda t: t["dpo"] - c.revkl_coef * t["revkl"])(self.terms(b, idx, policy))
+
+    def term_gradients(self, b: dict, idx: torch.Tensor) -> dict[str, float]:
+        """Norms of each term's contribution to the update's gradient and the DPO / shift cosine (``grad/``)."""
+        a, c = self.agent, self.agent.config
+        params = list(a.policy.parameters())
+        terms = self.terms(b, idx)
+        parts = {"dpo": terms["dpo"], "shift": c.shift_coef * terms["shift"], "revkl": -c.revkl_coef * terms["revkl"]}
+        if c.bc_coef > 0:
+            parts["bc"] = c.bc_coef * terms["bc"]
+        if a.lagrangian is not None:  # the cost surrogate draws steps from a.rng: leave the training stream as it was
+            state = a.rng.bit_generator.state
+            parts["cost"] = -a.lagrangian.sail_cost_loss(a, a.buffer.flat(a.device), 1)
+            a.rng.bit_generator.state = state
+        grads = {k: flat_grad(v, params, retain_graph=True) if v.requires_grad else torch.zeros(sum(p.numel() for p in params)) for k, v in parts.items()}
+        out = {f"grad/{k}": float(g.norm()) for k, g in grads.items()}
+        if out["grad/shift"] > 0 and out["grad/dpo"] > 0:  # (no direction to compare when a part is exactly 0)
+            out["grad/cos_dpo_shift"] = float(F.cosine_similarity(grads["dpo"], grads["shift"], dim=0))
+        if out["grad/dpo"] > 0:
+            out["grad/revkl_over_dpo"] = out["grad/revkl"] / out["grad/dpo"]
+        return out
+
+
+
 @register("sail")
 class SAIL(Agent):
     config_cls = SAILConfig
@@ -197,39 +268,58 @@ class SAIL(Agent):
         c = self.config
         self.diagnostics = PLDiagnostics(DiagnosticsConfig(every=c.curvature_every, f_star=c.f_star))
         self.store = PairStore(c.replay)
-        self._eval_oracle = None
+        self.loss = c.make_loss(self)  # SAILLoss; COMAL's INPO loss
+        self.schedule = c.make_schedule(self)  # None; COMAL's reference schedule (moves pi_ref between updates)
 
     def modules(self) -> dict:
-        return {**super().modules(), "ref_policy": self.ref_policy, "diagnostics": self.diagnostics, "store": self.store}
+        extra = self.schedule.modules() if self.schedule is not None else {}
+        return {**super().modules(), "ref_policy": self.ref_policy, "diagnostics": self.diagnostics, "store": self.store, **extra}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.schedule is not None:
+            state["schedule"] = self.schedule.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"] if "schedule" in state else state["comal"])  # "comal": older checkpoints
 
     # ---- the reference policy ---------------------------------------------------------------------
-    def prepare(self, cfg) -> None:
-        """Load pi_ref (the shipped or cached auto reference, trained once if needed); the policy starts from its weights."""
-        c = self.config
-        if c.ref == "init":
-            self.ref_policy.load_state_dict(self.policy.state_dict())
-            return
-        path = auto_reference(cfg) if c.ref == "auto" else Path(c.ref)
-        self.set_reference_from(path)
+    def start_spec(self) -> str | None:
+        """``ref``: ``auto`` (the shipped or cached PPO reference), a run folder / checkpoint / ``sb3:`` zip,
+        or ``init`` (pi_ref is the freshly initialized policy: nothing to load)."""
+        return None if self.config.ref == "init" else self.config.ref
 
-    def set_reference_from(self, path: Path) -> None:
-        state = self.start_from(path)
-        self.ref_policy.load_state_dict(state["policy"])
-        self.freeze_obs_rms = True  # pi and pi_ref see states through pi_ref's frozen normalizer
+    def prepare(self, start: dict | None, source: str = "") -> None:
+        """pi_ref <- the resolved reference; the policy starts from its weights and both see states through
+        its frozen normalizer. Without one (``ref: init``) pi_ref is the initial policy."""
+        if start is not None:
+            self.load_start(start, source)
+            self.freeze_obs_rms = True
+        self.ref_policy.load_state_dict(self.policy.state_dict())
+        if self.schedule is not None:
+            self.schedule.prepare(self)
+
+    def reference(self) -> torch.nn.Module:
+        """pi_ref; with a reference schedule, the reference the run started from."""
+        return self.schedule.reference() if self.schedule is not None else self.ref_policy
+
+    def moving_reference(self) -> torch.nn.Module | None:
+        return self.ref_policy if self.schedule is not None else None
 
     # ---- the batch --------------------------------------------------------------------------------
     def _batch(self) -> dict[str, torch.Tensor] | None:
         """Label pairs of this rollout's segments; tensors of the segments and of the valid (non-tie,
         non-skipped) pairs, plus the oracle's agreement with the true return (a diagnostic it computes)."""
-        c, buf = self.config, self.buffer
+        c = self.config
         if self.oracle.config.kind == "human":  # labelled pairs from a label store (no shift part: rl_align/labels/learn.py)
             return sail_batch(self)
-        seg = buf.segments(c.segment_len)
-        if len(seg) < 2:
+        lp = label_pairs(self.buffer, c.segment_len, c.pairs_per_batch, self.rng, self.oracle)
+        if lp is None:
             return None
-        i, j = buf.pairs(len(seg), c.pairs_per_batch, self.rng)
-        s1, s2 = seg.take(i), seg.take(j)
-        labels = self.oracle.label(s1, s2)
+        seg, i, j, labels = lp.seg, lp.i, lp.j, lp.labels
         valid = (labels == 0.0) | (labels == 1.0)  # ties and skipped queries carry no direction
         if not valid.any():
             return None
@@ -240,7 +330,7 @@ class SAIL(Agent):
         return {"obs": obs, "actions": act, "mask": mask, "old_logp": t(seg.logp), "ref_logp": ref_logp,
                 "i": torch.as_tensor(i[valid], device=self.device), "j": torch.as_tensor(j[valid], device=self.device),
                 "pref1": t(labels[valid]), "n_labels": int(np.isfinite(labels).sum()), "n_ties": int((labels == 0.5).sum()),
-                "oracle_agreement": self.oracle.agreement(s1, s2, labels)}
+                "oracle_agreement": lp.agreement}
 
     def _with_replay(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The fresh batch extended by stored pairs: segments ``[M + R]`` (fresh first), pairs fresh then stored."""
@@ -260,101 +350,44 @@ class SAIL(Agent):
         """Per-step log-probs ``[M_all, H]`` under ``policy`` (default pi_theta), filled on the segments
         ``seg_idx`` (zero elsewhere and on the padding), and the policy's distribution on those segments."""
         policy = policy if policy is not None else self.policy
-        dist = policy.dist(b["obs"][seg_idx])
-        logp = torch.zeros(b["obs"].shape[:2], device=self.device)
-        logp = logp.index_put((seg_idx,), dist.log_prob(b["actions"][seg_idx]).sum(-1) * b["mask"][seg_idx])
+        if len(seg_idx) == len(b["obs"]):  # every segment (seg_idx is sorted and unique): no scatter needed
+            return segment_logp(policy, b["obs"], b["actions"], b["mask"])
+        logp_seg, dist = segment_logp(policy, b["obs"][seg_idx], b["actions"][seg_idx], b["mask"][seg_idx])
+        logp = torch.zeros(b["obs"].shape[:2], device=self.device).index_put((seg_idx,), logp_seg)
         return logp, dist
 
-    def objective_terms(self, b: dict, idx: torch.Tensor, policy=None) -> dict[str, torch.Tensor]:
-        """The terms of J on the pairs ``idx`` of batch ``b``: ``dpo`` (mean log sigmoid), ``shift`` (on
-        the fresh segments, with the weights ``b["shift_w"]`` fixed at theta_old; 0 without them),
-        ``revkl`` (segment-summed reverse KL, mean over the fresh segments) and ``bc``."""
-        c = self.config
-        policy = policy if policy is not None else self.policy
-        i, j, pref1 = b["i"][idx], b["j"][idx], b["pref1"][idx]
-        n_fresh = int(b.get("n_fresh_segments", len(b["obs"])))
-        fresh = torch.arange(n_fresh, device=self.device)
-        seg_idx = torch.cat([i, j, fresh]).unique()
-        logp, dist = self.segment_logp(b, seg_idx, policy)
-        h = implicit_reward(logp, b["ref_logp"], b["mask"], c.beta)
-        w_idx, l_idx = torch.where(pref1 > 0.5, i, j), torch.where(pref1 > 0.5, j, i)
-        logsig = dpo_term(h[w_idx], h[l_idx], c.loser_weight)
-        terms = {"dpo": logsig.mean(), "logsig": logsig, "logp": logp, "h": h}
-        terms["bc"] = logp[w_idx].sum(-1).mean()  # winners' segment log-likelihood
-        if "shift_w" in b:
-            shift = shift_term(logp[:n_fresh], b["old_logp"][:n_fresh], b["mask"][:n_fresh], b["shift_w"], c.clip)
-            terms["shift"] = shift / n_fresh if c.normalize_shift else shift
-        else:
-            terms["shift"] = torch.zeros((), device=self.device)
-        pos = torch.searchsorted(seg_idx, fresh)  # rows of the fresh segments in `dist`
-        with torch.no_grad():
-            ref_mu = self.ref_policy.mean(b["obs"][fresh])
-        kl_steps = gaussian_kl(dist.loc[pos], policy.log_std, ref_mu, self.ref_policy.log_std, std_part=c.revkl_std)  # [M, H]
-        terms["revkl"] = segment_kl(kl_steps, b["mask"][:n_fresh]).mean()
-        return terms
-
-    def objective(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``J = dpo + shift_coef * shift - revkl_coef * KL_seg (+ bc_coef * bc)`` (SAIL-RevKL; revkl_coef = 0 is SAIL)."""
-        c = self.config
-        return terms["dpo"] + c.shift_coef * terms["shift"] - c.revkl_coef * terms["revkl"] + c.bc_coef * terms["bc"]
-
-    def fixed_batch_objective(self, b: dict, idx: torch.Tensor):
-        """``f(policy)``: the SAIL(-RevKL) objective on a fixed batch of pairs, where the sampling
-        distribution does not move, so its value and gradient are of one function (PL diagnostics)."""
-        c = self.config
-        return lambda policy: (lambda t: t["dpo"] - c.revkl_coef * t["revkl"])(self.objective_terms(b, idx, policy))
-
-    # ---- diagnostics ------------------------------------------------------------------------------
-    def term_gradients(self, b: dict, idx: torch.Tensor) -> dict[str, float]:
-        """Norms of each term's contribution to the update's gradient and the DPO / shift cosine (``grad/``)."""
-        c, params = self.config, list(self.policy.parameters())
-        terms = self.objective_terms(b, idx)
-        parts = {"dpo": terms["dpo"], "shift": c.shift_coef * terms["shift"], "revkl": -c.revkl_coef * terms["revkl"]}
-        if c.bc_coef > 0:
-            parts["bc"] = c.bc_coef * terms["bc"]
-        if self.lagrangian is not None:  # the cost surrogate draws steps from self.rng: leave the training stream as it was
-            state = self.rng.bit_generator.state
-            parts["cost"] = -self.lagrangian.sail_cost_loss(self, self.buffer.flat(self.device), 1)
-            self.rng.bit_generator.state = state
-        grads = {k: flat_grad(v, params, retain_graph=True) if v.requires_grad else torch.zeros(sum(p.numel() for p in params)) for k, v in parts.items()}
-        out = {f"grad/{k}": float(g.norm()) for k, g in grads.items()}
-        if out["grad/shift"] > 0 and out["grad/dpo"] > 0:  # (no direction to compare when a part is exactly 0)
-            out["grad/cos_dpo_shift"] = float(F.cosine_similarity(grads["dpo"], grads["shift"], dim=0))
-        if out["grad/dpo"] > 0:
-            out["grad/revkl_over_dpo"] = out["grad/revkl"] / out["grad/dpo"]
-        return out
-
     # ---- the update -------------------------------------------------------------------------------
-    def update(self) -> dict[str, float]:
+    def update(self, episodes: list[tuple[float, float, int]]) -> dict[str, float]:
         c = self.config
         lr = self.set_lr()
         metrics: dict[str, float] = {"train/lr": lr}
         if self.lagrangian is not None:
-            self.gae_rewards = np.zeros_like(self.buffer.costs)  # never the true reward: only cost advantages are used
-            self.buffer.compute_gae(c.gamma, c.gae_lambda, rewards=self.gae_rewards)
-            metrics.update(self.lagrangian.before_update(self))
+            self.buffer.compute_gae(c.gamma, c.gae_lambda, rewards=np.zeros_like(self.buffer.costs))  # never the true reward: only cost advantages are used
+            metrics.update(self.lagrangian.before_update(self, episodes))
         fresh = self._batch()
         self.updates += 1
-        metrics["train/queries_used"] = float(self.oracle.queries)
         if fresh is None:  # no valid pair: skip, or Adam's momentum would still move the weights
             metrics["train/skipped"] = 1.0
-            return metrics
+            return self._scheduled(metrics, float("nan"))
+        f = self.loss.prepare(fresh)
         M, P_fresh = len(fresh["obs"]), len(fresh["pref1"])
         b = self._with_replay(fresh)
         b["n_fresh_segments"] = M
+        with torch.no_grad():
+            b["ref_mu"] = self.ref_policy.mean(b["obs"][:M])
         P = len(b["pref1"])
         fresh_idx = torch.arange(P_fresh, device=self.device)
         with torch.no_grad():  # at theta_old: held-out accuracy of h on the fresh labels, and the shift weights
-            t0 = self.objective_terms(b, fresh_idx)
+            t0 = self.loss.terms(b, fresh_idx)
             metrics["pref/heldout_accuracy"] = pair_accuracy(t0["h"][fresh["i"]], t0["h"][fresh["j"]], fresh["pref1"])
             if not fresh.get("offline"):  # the shift part needs labels of this rollout's own segments
                 b["shift_w"] = shift_weights(fresh["i"], fresh["j"], t0["logsig"], M, c.baseline, c.normalize_shift)
         params = list(self.policy.parameters())
         d_idx = fresh_idx[: c.diag_pairs]
         if c.diag_every > 0 and (self.updates - 1) % c.diag_every == 0:
-            metrics.update(self.term_gradients(b, d_idx))
+            metrics.update(self.loss.term_gradients(b, d_idx))
         if self.diagnostics.due(self.updates - 1):
-            metrics.update(self.diagnostics.measure(self.fixed_batch_objective(b, d_idx), self.policy))
+            metrics.update(self.diagnostics.measure(self.loss.fixed_batch_objective(b, d_idx), self.policy))
         before = torch.nn.utils.parameters_to_vector(params).detach().clone()
         flat = self.buffer.flat(self.device) if self.lagrangian is not None else None
         stats = {k: [] for k in ("dpo", "shift", "revkl", "grad_norm", "approx_kl")}
@@ -362,8 +395,8 @@ class SAIL(Agent):
         stop, epochs_run = False, 0
         for _ in range(c.epochs):
             for idx in self.minibatches(P, c.minibatch):
-                terms = self.objective_terms(b, idx)
-                loss = -self.objective(terms)
+                terms = self.loss.terms(b, idx)
+                loss = -self.loss.objective(terms)
                 if self.lagrangian is not None:
                     loss = loss + self.lagrangian.sail_cost_loss(self, flat, n_mb)
                 stats["grad_norm"].append(self.step_optimizer(loss))
@@ -379,11 +412,9 @@ class SAIL(Agent):
             epochs_run += 1
             if stop:
                 break
-        if self.lagrangian is not None:
-            metrics.update(self.lagrangian.after_update(self))
         self.store.add(fresh)
         with torch.no_grad():
-            h = self.objective_terms(b, fresh_idx)["h"]
+            h = self.loss.terms(b, fresh_idx)["h"]
             metrics["pref/train_accuracy"] = pair_accuracy(h[fresh["i"]], h[fresh["j"]], fresh["pref1"])
             kl_ref = float(self.kl_to_ref(torch.as_tensor(self.buffer.obs.reshape(-1, self.buffer.obs.shape[-1]), device=self.device)))
             entropy = float(self.policy.dist(torch.as_tensor(self.buffer.obs[0], device=self.device)).entropy().sum(-1).mean())
@@ -397,65 +428,14 @@ class SAIL(Agent):
             "train/epochs": float(epochs_run), "train/kl_ref": kl_ref, "train/entropy": entropy, "train/update_norm": update_norm,
             "train/log_std": self.policy.log_std.mean().item(), "pref/oracle_agreement": fresh["oracle_agreement"],
         })
+        return self._scheduled(metrics, f)
+
+    def _scheduled(self, metrics: dict[str, float], f: float) -> dict[str, float]:
+        """After the update, the reference schedule (if any) may move pi_ref; ``f`` is the loss's statistic."""
+        if self.schedule is not None:
+            metrics.update(self.schedule.after_update(self, metrics, f))
         return metrics
 
     def kl_to_ref(self, obs: torch.Tensor) -> torch.Tensor:
         """Full Gaussian ``KL(pi_theta || pi_ref)`` averaged over ``obs`` (normalized states): per state."""
         return gaussian_kl(self.policy.mean(obs), self.policy.log_std, self.ref_policy.mean(obs), self.ref_policy.log_std).mean()
-
-    # ---- evaluation -------------------------------------------------------------------------------
-    def eval_extra(self, cfg) -> dict[str, float]:
-        """Win rate of pi_theta against pi_ref under the run's oracle (expected preference over matched
-        segments of fresh stochastic rollouts; a separate oracle, so no training query is spent)."""
-        from rl_align.envs import Oracle
-        from rl_align.train import win_rate
-
-        if self._eval_oracle is None:
-            self._eval_oracle = Oracle(dataclasses.replace(cfg.env.oracle, budget=None), seed=cfg.run.seed + 31)
-        ref = copy.copy(self)
-        ref.policy = self.ref_policy
-        wr = win_rate(self, ref, cfg.env, self._eval_oracle, self.config.win_rate_episodes, self.config.segment_len, seed=cfg.run.seed + 200_000)
-        obs = torch.as_tensor(self.buffer.obs.reshape(-1, self.buffer.obs.shape[-1]), device=self.device)
-        with torch.no_grad():
-            kl = float(self.kl_to_ref(obs))
-        return {"eval/win_rate_vs_ref": wr, "eval/kl_to_ref": kl}
-
-
-def auto_reference(cfg) -> Path:
-    """The "SFT" reference for this env, seed and network: a short PPO run on the true reward. A policy
-    shipped in the repository's ``refs/`` folder under the same key is used first (so every machine starts
-    from the same weights); otherwise it is trained once into ``<out_dir>/_refs/<env>-<key>-s<seed>`` and
-    reused by every later run. The key covers what PPO on the true reward depends on: the task and its
-    episode limit, the reference preset, the network, the step budget and the seed (not the cost or the
-    oracle, which it never uses)."""
-    from rl_align.config import PRESET_ROOT, to_dict
-    from rl_align.runs import from_data, _agent_data
-    from rl_align.train import train
-
-    c = cfg.agent
-    _, ref_data = _agent_data(c.ref_agent)
-    ref_data = {k: v for k, v in ref_data.items() if k not in ("algo", "description", "run")}
-    ref_data.update(hidden=list(c.hidden), activation=c.activation)  # same network as the preference agent
-    env_key = {"task": cfg.env.task, "max_episode_steps": cfg.env.max_episode_steps}
-    key_data = {"env": env_key, "agent": ref_data, "ref_agent": c.ref_agent, "steps": c.ref_steps, "seed": cfg.run.seed}
-    digest = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    name = f"{cfg.env.task.replace('/', '_')}-{digest}-s{cfg.run.seed}"
-    shipped = PRESET_ROOT / "refs" / f"{name}.pt"
-    if shipped.exists():
-        print(f"reference: the shipped policy {shipped.relative_to(PRESET_ROOT)}", file=sys.stderr)
-        return shipped
-    folder = Path(cfg.run.out_dir) / "_refs" / name
-    if (folder / "summary.json").exists():
-        print(f"reference: reusing {folder}", file=sys.stderr)
-        return folder
-    print(f"reference: training {c.ref_agent} for {c.ref_steps:,} steps on the true reward (once; cached in {folder})", file=sys.stderr)
-    ref_cfg = from_data(cfg.env_name, f"ref-{c.ref_agent}", "ppo", {
-        "env": to_dict(cfg.env), "agent": ref_data,
-        "run": {"steps": c.ref_steps, "seed": cfg.run.seed, "out_dir": str(folder.parent), "progress": False,
-                "eval_episodes": cfg.run.eval_episodes, "device": cfg.run.device},
-    })
-    tmp, _ = train(ref_cfg, quiet=True)
-    if folder.exists():  # another process finished the same reference meanwhile
-        return folder
-    tmp.rename(folder)
-    return folder

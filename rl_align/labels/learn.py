@@ -29,13 +29,11 @@ from rl_align.labels.store import SEGMENT_FIELDS
 def segment_arrays(agent, seg) -> dict[str, np.ndarray]:
     """A rollout's segments as the store keeps them: raw observations (the padding after a fall repeats
     the last state), actions, mask, behaviour log-probs, ``pi_ref``'s log-probs, rewards and features."""
-    buf, H = agent.buffer, seg.obs.shape[1]
-    t_idx = seg.start[:, None] + np.minimum(np.arange(H)[None], seg.mask.sum(-1, keepdims=True) - 1)
-    ref = getattr(agent, "ref_policy", agent.policy)
+    ref = agent.reference() or agent.policy
     with torch.no_grad():
         obs, act = torch.as_tensor(seg.obs, device=agent.device), torch.as_tensor(seg.actions, device=agent.device)
         ref_logp = (ref.log_prob(obs, act).cpu().numpy() * seg.mask).astype(np.float32)
-    return {"obs": buf.raw_obs[t_idx, seg.env[:, None]], "actions": seg.actions, "mask": seg.mask, "logp": seg.logp,
+    return {"obs": seg.raw_obs, "actions": seg.actions, "mask": seg.mask, "logp": seg.logp,
             "ref_logp": ref_logp, "rewards": seg.rewards.astype(np.float32), "features": seg.features}
 
 
@@ -95,10 +93,12 @@ def sail_batch(agent) -> dict | None:
             "oracle_agreement": oracle.agreement(sel(first), sel(second), lab), "offline": True}
 
 
-def rlhf_preferences(agent) -> dict[str, float]:
-    """RLHF's step with a store: queue this rollout's pairs (online), then add the labels that arrived to the
-    reward model's dataset (ties as targets of 1/2, skips dropped), ranked by the model before they join."""
+def rlhf_preferences(agent, reward) -> dict[str, float]:
+    """RLHF's step with a store (``reward``: its ``LearnedReward``): queue this rollout's pairs (online), then
+    add the labels that arrived to the reward model's dataset (ties as targets of 1/2, skips dropped), ranked
+    by the model before they join."""
     c, oracle = agent.config, agent.oracle
+    check_segment_len(agent)
     check_segment_len(agent)
     posted = post_rollout_pairs(agent, c.segment_len)
     n_new = oracle.feed.poll()
@@ -114,7 +114,7 @@ def rlhf_preferences(agent) -> dict[str, float]:
            "label": d["label"][rows].astype(np.float32)}
     sel = lambda side: SimpleNamespace(**{f: side[f][rows] for f in SEGMENT_FIELDS})  # noqa: E731
     m["pref/oracle_agreement"] = oracle.agreement(sel(first), sel(second), d["label"][rows])
-    m["pref/heldout_accuracy"] = agent.reward_model.accuracy(*agent._tensors(new, np.ones(len(rows), bool)))
+    m["pref/heldout_accuracy"] = reward.model.accuracy(*reward._tensors(agent, new, np.ones(len(rows), bool)))
     for k, v in new.items():
-        agent.data[k] = np.concatenate([agent.data[k], v])
+        reward.data[k] = np.concatenate([reward.data[k], v])
     return m

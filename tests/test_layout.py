@@ -1,0 +1,107 @@
+"""The package's imports run one way (README, "Layout"): a module imports only from its own floor or the
+floors below, and no import cycle exists between modules. Parsed with ``ast``, so an import inside a
+function counts as much as one at the top."""
+
+import ast
+from pathlib import Path
+
+import rl_align
+
+ROOT = Path(rl_align.__file__).parent
+
+# bottom to top; a module's floor is that of its first name under rl_align (rl_align/agents/sail.py -> agents)
+FLOORS = [
+    {"errors", "buffer", "nets", "logger", "diagnostics", "stats", "multipliers", "losses", "checkpoints", "signals"},
+    {"envs", "config", "games"},
+    {"agents"},
+    {"runs"},
+    {"evaluation"},
+    {"sb3"},
+    {"train"},
+    {"tournament", "sweep", "report"},
+    {"cli"},
+]
+FLOOR = {name: k for k, names in enumerate(FLOORS) for name in names}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(("rl_align",) + parts)] = path
+    return out
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules that module ``name`` imports (``from pkg import submodule`` counts the submodule)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("rl_align")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if not base.startswith("rl_align"):
+                continue
+            for a in node.names:
+                found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base)
+    return {m for m in found if m in known and m != name}
+
+
+def floor_of(module: str) -> int:
+    top = module.split(".")[1]
+    assert top in FLOOR, f"rl_align.{top} has no floor: add it to FLOORS here and to the README's Layout section"
+    return FLOOR[top]
+
+
+def test_imports_run_one_way_and_form_no_cycle():
+    mods = modules()
+    graph = {name: imports(name, path, set(mods)) for name, path in mods.items() if name != "rl_align"}
+    back = [f"{a} (floor {floor_of(a)}) imports {b} (floor {floor_of(b)})"
+            for a, deps in graph.items() for b in deps if b != "rl_align" and floor_of(b) > floor_of(a)]
+    assert not back, "imports that run up a floor:\n" + "\n".join(back)
+
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path that returns to its start, or None (depth-first search)."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        for dep in sorted(graph.get(node, ())):
+            if dep in path:
+                return path[path.index(dep):] + [dep]
+            if dep not in done:
+                found = visit(dep, path + [dep])
+                if found:
+                    return found
+        done.add(node)
+        return None
+
+    for node in sorted(graph):
+        if node not in done:
+            found = visit(node, [node])
+            if found:
+                return found
+    return None
+
+
+def test_the_checker_sees_a_back_edge_and_a_cycle(tmp_path):
+    """The parser finds an import inside a function and a relative one; the search finds a cycle."""
+    src = tmp_path / "rl_align" / "agents"
+    src.mkdir(parents=True)
+    (src / "x.py").write_text("def f():\n    from rl_align.train import train\n")
+    (src / "y.py").write_text("from .x import f\n")
+    known = {"rl_align.train", "rl_align.agents.x", "rl_align.agents.y", "rl_align.agents"}
+    assert imports("rl_align.agents.x", src / "x.py", known) == {"rl_align.train"}
+    assert imports("rl_align.agents.y", src / "y.py", known) == {"rl_align.agents.x"}
+    assert floor_of("rl_align.train") > floor_of("rl_align.agents.x")
+    # the circle this layout removed: base -> lagrangian -> ppo -> base
+    assert find_cycle({"base": {"lagrangian"}, "lagrangian": {"ppo"}, "ppo": {"base"}}) == ["base", "lagrangian", "ppo", "base"]
+    assert find_cycle({"base": {"lagrangian"}, "ppo": {"base", "lagrangian"}}) is None
