@@ -54,18 +54,20 @@ class RenderWorker:
     def _run(self) -> None:
         from rl_align.labels.render import ClipRenderer, ensure_clips
 
-        try:
-            renderer = ClipRenderer(self.store.meta["task"], *(self.size or ()))
-        except UserError as exc:
-            self.error = exc
-            renderer = None
+        renderer = None  # made on the first job: a page with nothing to render never opens a GL context
         while True:
             _, _, pair, fut = self.jobs.get()
             if fut is not None and fut.done():
                 continue
             try:
-                if renderer is None:
+                if self.error is not None:
                     raise self.error
+                if renderer is None:
+                    try:
+                        renderer = ClipRenderer(self.store.meta["task"], *(self.size or ()))
+                    except UserError as exc:
+                        self.error = exc
+                        raise
                 out = ensure_clips(self.store, renderer, pair)
                 if fut is not None:
                     fut.set_result(out)
