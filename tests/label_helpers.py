@@ -38,3 +38,36 @@ def x_velocities(folder) -> np.ndarray:
 
     rows = [r for r in csv.DictReader(open(folder / "progress.csv")) if r.get("rollout/x_velocity")]
     return np.array([float(r["rollout/x_velocity"]) for r in rows])
+
+
+def rebuild_frames(out_dir) -> None:
+    """Run in a subprocess (a GL context made in the test process would bind PyOpenGL's platform for every
+    later test): a short HalfCheetah segment's frames rebuilt from observations and x-velocities, the frames
+    of the simulator's own states (root x shifted to start at 0), saved to ``frames.npz``; its clip to ``c.webm``."""
+    from pathlib import Path
+
+    from rl_align.envs import make_env
+    from rl_align.labels.render import ClipRenderer
+
+    env = make_env("HalfCheetah-v5")
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    seg, qpos = {"obs": [], "features": []}, []
+    for _ in range(6):
+        seg["obs"].append(obs)
+        qpos.append(env.unwrapped.data.qpos.copy())
+        obs, _, _, _, info = env.step(rng.uniform(-1, 1, 6))
+        seg["features"].append(info["features"])
+    seg = {k: np.asarray(v) for k, v in seg.items()}
+    seg["mask"] = np.ones(6, bool)
+    r = ClipRenderer("HalfCheetah-v5", 96, 72)
+    rebuilt = np.stack(r.frames(seg))
+    truth = []
+    for q in qpos:
+        q = q.copy()
+        q[0] -= qpos[0][0]
+        r.u.set_state(q, np.zeros(r.u.model.nv))
+        truth.append(r.env.render())
+    np.savez(Path(out_dir) / "frames.npz", rebuilt=rebuilt, truth=np.stack(truth))
+    r.write(seg, Path(out_dir) / "c.webm")
+    r.close()
