@@ -2,7 +2,7 @@
 plus a live progress line. Prefixes group scalars: ``train/`` (the update), ``rollout/`` (the episodes
 of the rollout), ``eval/`` (rl_align.evaluation), ``time/``, ``pref/`` (accuracy of the preference
 signal), ``grad/`` (per-term gradient norms), ``pl/`` (PL diagnostics), ``safety/`` (the Lagrangian
-layer), ``rlhf/`` (the reward model), ``comal/`` (the outer loop)."""
+layer), ``rlhf/`` (the reward model), ``comal/`` (the outer loop), ``human/`` (a label store's pairs)."""
 
 from __future__ import annotations
 

@@ -99,7 +99,6 @@ def rlhf_preferences(agent, reward) -> dict[str, float]:
     by the model before they join."""
     c, oracle = agent.config, agent.oracle
     check_segment_len(agent)
-    check_segment_len(agent)
     posted = post_rollout_pairs(agent, c.segment_len)
     n_new = oracle.feed.poll()
     d = oracle.feed.data
