@@ -178,6 +178,9 @@ def frontier_table(results: list[dict]) -> str:
 
 
 def frontier(args: argparse.Namespace) -> None:
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown --variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if not args.table_only:
         for seed in (int(s) for s in args.seeds.split(",")):
             for eta in (float(e) for e in args.etas.split(",")):
