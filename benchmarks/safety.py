@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,8 @@ def frontier_table(results: list[dict]) -> str:
 def frontier(args: argparse.Namespace) -> None:
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
-        raise SystemExit(f"unknown --variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        print(f"safety.py: error: unknown --variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        raise SystemExit(2)
     if not args.table_only:
         for seed in (int(s) for s in args.seeds.split(",")):
             for eta in (float(e) for e in args.etas.split(",")):
