@@ -29,7 +29,7 @@ from rl_align.checkpoints import load_checkpoint
 from rl_align.envs import EnvConfig, Oracle, make_vec_env
 from rl_align.envs.backend import GL_HINT, choose_gl
 from rl_align.errors import UserError
-from rl_align.nets import gaussian_kl
+from rl_align.nets import policy_kl
 from rl_align.runs import RunConfig, build_agent, load_run_config
 
 MODES = {"det": True, "stoch": False}  # mode -> deterministic
@@ -99,11 +99,11 @@ def matched_preferences(a: dict, b: dict, oracle: Oracle) -> tuple[np.ndarray, n
 
 
 def win_rate(agent: Agent, against: torch.nn.Module | Agent, env_config: EnvConfig, oracle: Oracle, episodes: int, H: int, seed: int,
-             deterministic: bool = False) -> float:
+             deterministic: bool = False, mine: dict | None = None) -> float:
     """Mean ``P(segment of the agent > matched segment of against)`` under ``oracle`` on the same env seeds.
     ``against`` is a policy (pi_ref) acting through the agent's normalizer and action noise, or another
-    agent with its own."""
-    mine = rollout_segments(agent, env_config, episodes, H, seed, deterministic)
+    agent with its own; ``mine``: the agent's segments of those episodes, when already rolled out."""
+    mine = rollout_segments(agent, env_config, episodes, H, seed, deterministic) if mine is None else mine
     if isinstance(against, Agent):
         theirs = rollout_segments(against, env_config, episodes, H, seed, deterministic)
     else:
@@ -135,20 +135,13 @@ def eval_metrics(agent: Agent, cfg: RunConfig, episodes: int | None = None, seed
         judge = Oracle(dataclasses.replace(cfg.env.oracle, budget=None), seed=cfg.run.seed + 31)  # no training query is spent
         c, seed = agent.config, cfg.run.seed + 200_000
         mine = rollout_segments(agent, cfg.env, c.win_rate_episodes, c.segment_len, seed)
-        p, _ = matched_preferences(mine, rollout_segments(agent, cfg.env, c.win_rate_episodes, c.segment_len, seed, policy=ref), judge)
-        m["eval/win_rate_vs_ref"] = float(p.mean()) if len(p) else float("nan")
+        m["eval/win_rate_vs_ref"] = win_rate(agent, ref, cfg.env, judge, c.win_rate_episodes, c.segment_len, seed, mine=mine)
         obs = torch.as_tensor(agent.normalize(np.concatenate([s["obs"] for s in mine.values()])), device=agent.device) if mine else None
         # per state, on the states of the agent's evaluation windows (fresh, unlike train/kl_ref's)
         for key, other in (("eval/kl_to_ref", ref), ("eval/kl_to_current_ref", agent.moving_reference())):
             if other is not None:
                 m[key] = policy_kl(agent.policy, other, obs) if mine else float("nan")
     return m
-
-
-def policy_kl(policy: torch.nn.Module, other: torch.nn.Module, obs: torch.Tensor) -> float:
-    """``KL(policy || other)`` per state, averaged over normalized states ``obs``."""
-    with torch.no_grad():
-        return float(gaussian_kl(policy.mean(obs), policy.log_std, other.mean(obs), other.log_std).mean())
 
 
 def load_agent(folder: Path):

@@ -82,6 +82,12 @@ def gaussian_kl(mu_p: torch.Tensor, log_std_p: torch.Tensor, mu_q: torch.Tensor,
     return (log_std_q - log_std_p + var_p / (2 * var_q) - 0.5 + mean_part).sum(-1)
 
 
+@torch.no_grad()
+def policy_kl(policy: GaussianPolicy, other: GaussianPolicy, obs: torch.Tensor) -> float:
+    """``KL(policy || other)`` per state, averaged over normalized states ``obs``."""
+    return float(gaussian_kl(policy.mean(obs), policy.log_std, other.mean(obs), other.log_std).mean())
+
+
 def numpy_forward(seq: nn.Sequential):
     """A NumPy copy of an MLP's current weights as a function ``x [B, in] -> [B, out]``.
 

@@ -64,7 +64,7 @@ def kl_to_initial_reference(agent, raw_obs: np.ndarray) -> float:
     (COMAL's initial reference, a fixed-reference agent's pi_ref); nan for an agent without one (PPO)."""
     import torch
 
-    from rl_align.evaluation import policy_kl
+    from rl_align.nets import policy_kl
 
     ref = agent.reference()
     if ref is None:

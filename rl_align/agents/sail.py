@@ -37,7 +37,7 @@ from rl_align.agents.preferences import label_pairs, pair_accuracy, segment_logp
 from rl_align.diagnostics import DiagnosticsConfig, PLDiagnostics, flat_grad
 from rl_align.errors import UserError
 from rl_align.labels.learn import sail_batch
-from rl_align.nets import gaussian_kl
+from rl_align.nets import gaussian_kl, policy_kl
 
 
 @dataclass
@@ -254,7 +254,6 @@ class SAILLoss:
         return out
 
 
-
 @register("sail")
 class SAIL(Agent):
     config_cls = SAILConfig
@@ -416,7 +415,7 @@ class SAIL(Agent):
         with torch.no_grad():
             h = self.loss.terms(b, fresh_idx)["h"]
             metrics["pref/train_accuracy"] = pair_accuracy(h[fresh["i"]], h[fresh["j"]], fresh["pref1"])
-            kl_ref = float(self.kl_to_ref(torch.as_tensor(self.buffer.obs.reshape(-1, self.buffer.obs.shape[-1]), device=self.device)))
+            kl_ref = policy_kl(self.policy, self.ref_policy, torch.as_tensor(self.buffer.obs.reshape(-1, self.buffer.obs.shape[-1]), device=self.device))
             entropy = float(self.policy.dist(torch.as_tensor(self.buffer.obs[0], device=self.device)).entropy().sum(-1).mean())
             update_norm = float((torch.nn.utils.parameters_to_vector(params) - before).norm())
         if kl_ref > c.kl_limit:
@@ -435,7 +434,3 @@ class SAIL(Agent):
         if self.schedule is not None:
             metrics.update(self.schedule.after_update(self, metrics, f))
         return metrics
-
-    def kl_to_ref(self, obs: torch.Tensor) -> torch.Tensor:
-        """Full Gaussian ``KL(pi_theta || pi_ref)`` averaged over ``obs`` (normalized states): per state."""
-        return gaussian_kl(self.policy.mean(obs), self.policy.log_std, self.ref_policy.mean(obs), self.ref_policy.log_std).mean()
