@@ -27,7 +27,7 @@ import torch
 from rl_align.agents.base import Agent
 from rl_align.checkpoints import load_checkpoint
 from rl_align.envs import EnvConfig, Oracle, make_vec_env
-from rl_align.envs.backend import GL_HINT, choose_gl
+from rl_align.envs.backend import choose_gl, gl_errors
 from rl_align.errors import UserError
 from rl_align.nets import policy_kl
 from rl_align.runs import RunConfig, build_agent, load_run_config
@@ -221,15 +221,10 @@ def record_video(folder: Path, path: Path, deterministic: bool = True, seed: int
 
     cfg, agent = load_agent(folder)
     seed = cfg.run.seed + 300_000 if seed is None else seed
-    try:
+    with gl_errors("render"):
         env = make_env(cfg.env, seed=None, render_mode="rgb_array")
         obs, _ = env.reset(seed=seed)
         frames = [env.render()]
-    except UserError:
-        raise
-    except Exception as exc:  # EGL/OSMesa missing or unusable: many exception types, one cause
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')} ({detail}); {GL_HINT}") from None
     done = False
     while not done:
         action = agent.act(np.asarray(obs, dtype=np.float32)[None], deterministic=deterministic)[0]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 from rl_align.errors import UserError
 
@@ -61,6 +62,19 @@ def choose_gl() -> str:
             return backend
     detail = "; ".join(f"{b}: {w[:80]}" for b, w in why.items())
     raise UserError(f"no offscreen OpenGL works on this machine ({detail}); {GL_HINT}")
+
+
+@contextmanager
+def gl_errors(what: str = "render"):
+    """Inside, any failure but a UserError is the offscreen GL failing (EGL / OSMesa missing or unusable
+    raise many exception types, one cause): one line naming ``MUJOCO_GL`` and the fix."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot {what} with MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')} ({detail}); {GL_HINT}") from None
 
 
 def check_mujoco_loads() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rl_align.envs.backend import GL_HINT
+from rl_align.envs.backend import gl_errors
 from rl_align.errors import UserError
 
 WIDTH, HEIGHT = 320, 240
@@ -38,7 +38,7 @@ class ClipRenderer:
         from rl_align.envs import make_env
 
         check_writer()
-        try:
+        with gl_errors(f"render clips of {task}"):
             self.env = make_env(task, render_mode="rgb_array")
             obs, _ = self.env.reset(seed=0)
             u = self.env.unwrapped
@@ -46,11 +46,6 @@ class ClipRenderer:
             u.model.vis.quality.shadowsize = 0
             u.model.mat_reflectance[:] = 0
             self.env.render()
-        except UserError:
-            raise
-        except Exception as exc:  # EGL/OSMesa missing or unusable: many exception types, one cause
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"cannot render clips of {task} with MUJOCO_GL={os.environ.get('MUJOCO_GL', '(unset)')} ({detail}); {GL_HINT}") from None
         self.u = u
         self.nq = u.model.nq
         self.hidden = next((k for k in (0, 1, 2) if np.allclose(obs[: self.nq - k], u.data.qpos[k:], atol=1e-6)), None)
