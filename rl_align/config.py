@@ -55,17 +55,30 @@ def list_presets(kind: str) -> dict[str, str]:
     return out
 
 
-def load_preset(kind: str, name: str) -> tuple[str, dict] | None:
-    """``(preset name, data)`` for a preset name or a YAML path, or None when there is no such file."""
+def load_preset(kind: str, name: str, _chain: tuple[str, ...] = ()) -> tuple[str, dict] | None:
+    """``(preset name, data)`` for a preset name or a YAML path, or None when there is no such file.
+    ``base: <preset>`` in a file starts it from that preset of the same kind (its description aside):
+    the file lists only what differs."""
     path = Path(name)
     if name.endswith((".yaml", ".yml")):
         if not path.exists():
             raise UserError(f"preset file {name} does not exist")
-        return path.stem, read_yaml(path)
-    path = preset_dir(kind) / f"{name}.yaml"
-    if path.exists():
-        return name, read_yaml(path)
-    return None
+        stem = path.stem
+    else:
+        path, stem = preset_dir(kind) / f"{name}.yaml", name
+        if not path.exists():
+            return None
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return stem, data
+    chain = (*_chain, stem)
+    if Path(str(base)).stem in chain:
+        raise UserError(f"preset {stem}: base {base} leads back to itself ({' -> '.join([*chain, str(base)])})")
+    found = load_preset(kind, str(base), chain)
+    if found is None:
+        raise UserError(f"preset {stem}: base {base} is not a preset in {kind}/ ({', '.join(list_presets(kind))})")
+    return stem, merge({k: v for k, v in found[1].items() if k != "description"}, data)
 
 
 # ---- dataclass <-> dict ------------------------------------------------------------------------

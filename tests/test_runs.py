@@ -84,3 +84,19 @@ def test_init_starts_from_another_runs_policy_and_normalizer(run_dir):
     bad = resolve_config("halfcheetah", "ppo", [*TINY, run_dir, f"agent.init={folder / 'nope'}"])
     with pytest.raises(UserError):
         train(bad, quiet=True)
+
+
+def test_a_preset_with_a_base_is_that_preset_plus_its_own_lines(tmp_path):
+    (tmp_path / "mine.yaml").write_text("description: mine\nbase: sail-revkl\nrevkl_coef: 0.03\nrun:\n  eval_episodes: 3\n")
+    mine, base = resolve_config("halfcheetah-pref", str(tmp_path / "mine.yaml")), resolve_config("halfcheetah-pref", "sail-revkl")
+    assert mine.agent.revkl_coef == 0.03 != base.agent.revkl_coef
+    assert (mine.agent.beta, mine.agent.shift_coef, mine.run.steps) == (base.agent.beta, base.agent.shift_coef, base.run.steps)
+    assert mine.run.eval_episodes == 3  # a nested section merges key by key
+
+
+@pytest.mark.parametrize("text, message", [("base: no-such-preset\n", "no-such-preset is not a preset in agents/"),
+                                           ("base: loop.yaml\n", "leads back to itself")])
+def test_a_bad_base_is_one_line_naming_the_fix(tmp_path, text, message):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(UserError, match=message):
+        resolve_config("halfcheetah-pref", str(tmp_path / "loop.yaml"))
