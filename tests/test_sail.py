@@ -74,6 +74,19 @@ def test_mean_only_kl_leaves_log_std_alone():
     assert g is None or float(g.abs().max()) == 0.0
 
 
+def test_log_std_floor_holds_after_an_update():
+    """``log_std_min`` is a projection after every optimizer step: an update that would lower the log-std
+    (or leave it where it started, 0) ends with every dimension at or above the floor."""
+    agent, b = _agent_with_batch(0.0)
+    agent.config.log_std_min = 0.25
+    agent.update([])
+    assert float(agent.policy.log_std.min()) >= 0.25
+    agent.config.log_std_min = None  # without the floor the same update leaves it below 0.25
+    agent.policy.log_std.data.fill_(0.0)
+    agent.update([])
+    assert float(agent.policy.log_std.min()) < 0.25
+
+
 def test_shift_weights_by_hand():
     """Three segments, pairs (0,1), (0,2), (1,2): w_k = (sum of k's pairs' logsig - deg_k * leave-one-out mean) / P."""
     logsig = torch.tensor([-0.2, -1.0, -0.6])

@@ -59,6 +59,7 @@ class SAILConfig(AgentConfig):
     loser_weight: float = 1.0  # CPL's conservative margin h_w - loser_weight * h_l (1: plain DPO)
     bc_coef: float = 0.0  # weight of a behaviour-cloning term on the winners' log-likelihood
     target_kl: float | None = None  # stop the epochs when approx KL to the behaviour policy passes 1.5 x this
+    log_std_min: float | None = None  # floor on the policy's log-std, kept by projection after each step (None: no floor)
     ref: str = "auto"  # auto | init | path to a run folder or checkpoint
     ref_agent: str = "ppo"  # preset that trains the auto reference
     ref_steps: int = 50_000  # env steps of the auto reference's PPO run
@@ -400,6 +401,8 @@ class SAIL(Agent):
                     loss = loss + self.lagrangian.sail_cost_loss(self, flat, n_mb)
                 stats["grad_norm"].append(self.step_optimizer(loss))
                 with torch.no_grad():
+                    if c.log_std_min is not None:  # projected step onto {log_std >= floor}
+                        self.policy.log_std.clamp_(min=c.log_std_min)
                     log_ratio = (terms["logp"][:M] - b["old_logp"][:M]) * b["mask"][:M]
                     approx_kl = float((((log_ratio.exp() - 1) - log_ratio) * b["mask"][:M]).sum() / b["mask"][:M].sum())
                 for k in ("dpo", "shift", "revkl"):
