@@ -11,6 +11,11 @@ accuracy, and the probability of improvement of each variant over ``--versus``.
     python benchmarks/sail_protocol.py --envs halfcheetah-pref --seeds 0 1 2 3 4 --steps 100000 \\
         --variant sail-revkl --variant sail --variant ppo --jobs 2 --out benchmarks/sail_protocol.jsonl
     python benchmarks/sail_protocol.py --table benchmarks/sail_protocol.jsonl --versus sail
+    python benchmarks/sail_protocol.py --table benchmarks/sail_protocol_500k.jsonl --curves docs/sail/500k.png
+
+``--curves PNG`` draws, per env, the training curves of the rows' run folders (IQM over seeds with a
+bootstrap band, ``rl_align.report``): rollout return, log-std, per-update approx KL, KL to the reference,
+held-out accuracy and the DPO part's gradient norm; rows whose folder is gone are skipped and counted.
 
 A variant is ``NAME`` (an agent preset) or ``LABEL=PRESET:key=value,key=value`` (agent overrides), e.g.
 ``--variant revkl-0.3=sail-revkl:revkl_coef=0.3``. ``ppo`` starts PPO from the same reference.
@@ -99,6 +104,32 @@ def table(path: Path, versus: str | None) -> None:
                   f"{iqm(gain):9.0f}  {gap:>24}  {np.mean([r['det_end'] for r in rs]):8.0f}  {np.mean(acc) if acc else float('nan'):12.3f}  {pi:>9}")
 
 
+CURVE_PANELS = [("rollout/ep_return", "rollout return (stochastic, true reward)"), ("train/log_std", "policy log-std (mean over dims)"),
+                ("train/approx_kl", "approx KL to the behaviour policy per update"), ("train/kl_ref", "KL(pi || pi_ref) per state"),
+                ("pref/heldout_accuracy", "held-out accuracy of h (fresh pairs)"), ("grad/dpo", "DPO part's gradient norm")]
+
+
+def curves(path: Path, out: Path, variants: list[str]) -> None:
+    """One PNG per env (``out`` with the env in its name) of the rows' training curves, grouped by variant."""
+    from rl_align.report import Group, figure, read_run
+
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    for env in sorted({r["env"] for r in rows}):
+        groups, missing = {}, 0
+        for r in rows:
+            if r["env"] != env or (variants and r["variant"] not in variants):
+                continue
+            if not Path(r["folder"], "progress.csv").exists():
+                missing += 1
+                continue
+            groups.setdefault(r["variant"], Group(r["variant"])).runs.append(read_run(Path(r["folder"]), r["seed"]))
+        target = out.with_name(f"{out.stem}-{env}{out.suffix}")
+        if groups and figure(target, f"{env}, {path.name}", CURVE_PANELS, list(groups.values())):
+            print(f"{target}: {sum(len(g.runs) for g in groups.values())} runs ({missing} rows without their run folder)")
+        else:
+            print(f"{env}: no run folder of these rows exists here ({missing} rows): nothing drawn")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--envs", nargs="+", default=["halfcheetah-pref"])
@@ -111,7 +142,12 @@ def main() -> None:
     p.add_argument("--runs-dir", default=str(ROOT / "runs"))
     p.add_argument("--table", type=Path, default=None)
     p.add_argument("--versus", default=None)
+    p.add_argument("--curves", type=Path, default=None, help="with --table: training curves of the rows' run folders, one PNG per env")
+    p.add_argument("--only", nargs="+", default=[], help="with --curves: these variants only")
     args = p.parse_args()
+    if args.table and args.curves:
+        curves(args.table, args.curves, args.only)
+        return
     if args.table:
         table(args.table, args.versus)
         return
