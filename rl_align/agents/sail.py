@@ -15,7 +15,12 @@ once, at theta_old (each segment's pairs' ``log sigmoid`` minus a leave-one-out 
 advantages), with per-step clipped importance ratios so the rollout can be reused for several epochs.
 ``revkl_coef = 0`` is exactly SAIL; ``shift_coef = 0`` is online DPO. The DPO part also draws on a store of
 the labelled pairs of the last ``replay`` rollouts (labels are precious), optionally with CPL's
-conservative margin ``h_w - loser_weight * h_l``. The agent never reads ``buffer.rewards``: only the oracle
+conservative margin ``h_w - loser_weight * h_l``. With ``center_h`` the DPO part compares
+``h(s) - beta * sum_t KL(pi_old(.|s_t) || pi_ref(.|s_t))``, ``h`` minus its expectation over the actions at the
+segment's own states (a state-only offset, fixed at theta_old): ``beta log pi/pi_ref`` minus its mean under
+pi is an advantage, so two segments from different states are compared on their summed advantages (the
+regret preference model of CPL) instead of on how far pi has moved from pi_ref in the states each visits.
+The agent never reads ``buffer.rewards``: only the oracle
 does (and the label-agreement diagnostic, which asks the oracle).
 
 Constrained variant: when ``self.lagrangian`` is set (rl_align.agents.lagrangian), each minibatch also adds
@@ -59,6 +64,7 @@ class SAILConfig(AgentConfig):
     loser_weight: float = 1.0  # CPL's conservative margin h_w - loser_weight * h_l (1: plain DPO)
     bc_coef: float = 0.0  # weight of a behaviour-cloning term on the winners' log-likelihood
     target_kl: float | None = None  # stop the epochs when approx KL to the behaviour policy passes 1.5 x this
+    center_h: bool = False  # DPO part on h minus its expectation under pi_old at each segment's states (see the module doc)
     log_std_min: float | None = None  # floor on the policy's log-std, kept by projection after each step (None: no floor)
     ref: str = "auto"  # auto | init | path to a run folder or checkpoint
     ref_agent: str = "ppo"  # preset that trains the auto reference
@@ -142,6 +148,13 @@ def segment_kl(kl_steps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (kl_steps * mask).sum(-1)
 
 
+def expected_h(policy, ref_policy, obs: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """``E_{a_t ~ policy}[h(s)] = beta * sum_t KL(policy(.|s_t) || pi_ref(.|s_t))`` at each segment's own states,
+    ``[M]`` from states ``[M, H, obs]``: the offset ``center_h`` subtracts (a function of the states only)."""
+    kl = gaussian_kl(policy.mean(obs), policy.log_std, ref_policy.mean(obs), ref_policy.log_std)
+    return beta * segment_kl(kl, mask)
+
+
 class PairStore:
     """The labelled pairs of the last ``window`` rollouts, with what the DPO part needs to recompute
     ``h``: each segment's states, actions, mask and ``pi_ref`` log-probs. A component with its own state."""
@@ -205,6 +218,8 @@ class SAILLoss:
         seg_idx = torch.cat([i, j, fresh]).unique()
         logp, dist = a.segment_logp(b, seg_idx, policy)
         h = implicit_reward(logp, b["ref_logp"], b["mask"], c.beta)
+        if "h_offset" in b:  # center_h: h minus its expectation under pi_old, per segment
+            h = h - b["h_offset"]
         w_idx, l_idx = torch.where(pref1 > 0.5, i, j), torch.where(pref1 > 0.5, j, i)
         logsig = dpo_term(h[w_idx], h[l_idx], c.loser_weight)
         terms = {"dpo": logsig.mean(), "logsig": logsig, "logp": logp, "h": h}
@@ -375,6 +390,8 @@ class SAIL(Agent):
         b["n_fresh_segments"] = M
         with torch.no_grad():
             b["ref_mu"] = self.ref_policy.mean(b["obs"][:M])
+            if c.center_h:  # on every segment of the batch, at theta_old
+                b["h_offset"] = expected_h(self.policy, self.ref_policy, b["obs"], b["mask"], c.beta)
         P = len(b["pref1"])
         fresh_idx = torch.arange(P_fresh, device=self.device)
         with torch.no_grad():  # at theta_old: held-out accuracy of h on the fresh labels, and the shift weights
