@@ -11,7 +11,8 @@ accuracy, and the probability of improvement of each variant over ``--versus``.
     python benchmarks/sail_protocol.py --envs halfcheetah-pref --seeds 0 1 2 3 4 --steps 100000 \\
         --variant sail-revkl --variant sail --variant ppo --jobs 2 --out benchmarks/sail_protocol.jsonl
     python benchmarks/sail_protocol.py --table benchmarks/sail_protocol.jsonl --versus sail
-    python benchmarks/sail_protocol.py --table benchmarks/sail_protocol_500k.jsonl --curves docs/sail/500k.png
+    python benchmarks/sail_protocol.py --table benchmarks/sail_protocol_500k.jsonl --curves docs/sail-500k/curves.png \
+        --only sail-revkl center-tkl
 
 ``--curves PNG`` draws, per env, the training curves of the rows' run folders (IQM over seeds with a
 bootstrap band, ``rl_align.report``): rollout return, log-std, per-update approx KL, KL to the reference,
@@ -145,6 +146,8 @@ def main() -> None:
     p.add_argument("--curves", type=Path, default=None, help="with --table: training curves of the rows' run folders, one PNG per env")
     p.add_argument("--only", nargs="+", default=[], help="with --curves: these variants only")
     args = p.parse_args()
+    if args.curves and not args.table:  # without rows to read, --curves would start a whole protocol run instead
+        p.error("--curves draws the runs of a results file: give it with --table FILE")
     if args.table and args.curves:
         curves(args.table, args.curves, args.only)
         return
