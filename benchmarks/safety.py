@@ -178,6 +178,66 @@ def frontier_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+VERSUS_PD = (("slow_osc", "slow osc.", True), ("last10_cost", "last-10% cost", None), ("return_det", "return (det)", False),
+             ("return_rollout", "return (rollout)", False))
+
+
+def versus_pd(results: list[dict]) -> str:
+    """Each rule against PD at the same step size (or PD's only one, as in the 1M confirmation at each
+    rule's best step size): IQM [95% interval] per metric and the probability that the rule is better
+    (lower slow oscillation, higher return; the cost column has no better side, only the limit)."""
+    from rl_align.stats import fmt, prob_improvement, summarize
+
+    pd_etas = sorted({r["eta"] for r in results if r["variant"] == "pd"})
+    lines = ["| variant | eta | vs PD at | " + " | ".join(name for _, name, _ in VERSUS_PD) + " | P(slow osc. < PD) | P(return det > PD) |",
+             "|---|---|---|" + "---|" * (len(VERSUS_PD) + 2)]
+    for variant in VARIANTS:
+        for eta in sorted({r["eta"] for r in results if r["variant"] == variant}):
+            base_eta = eta if eta in pd_etas else (pd_etas[0] if len(pd_etas) == 1 else None)
+            if base_eta is None:
+                continue
+            rs = [r for r in results if r["variant"] == variant and r["eta"] == eta]
+            base = [r for r in results if r["variant"] == "pd" and r["eta"] == base_eta]
+            cells = [fmt(summarize([r[k] for r in rs]), 1) for k, _, _ in VERSUS_PD]
+            if variant == "pd":
+                cells += ["–", "–"]
+            else:
+                cells += [f"{prob_improvement([-r['slow_osc'] for r in rs], [-r['slow_osc'] for r in base]):.2f}",
+                          f"{prob_improvement([r['return_det'] for r in rs], [r['return_det'] for r in base]):.2f}"]
+            lines.append(f"| {variant} | {eta:g} | {base_eta:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def frontier_plot(results: list[dict], out: Path, window: int) -> None:
+    """Per rule (and step size): the cost estimate's slow part and the multiplier against env steps, one
+    line per seed, the limit drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys((r["variant"], r["eta"]) for r in results))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for k, key in enumerate(keys):
+        for i, r in enumerate(r for r in results if (r["variant"], r["eta"]) == key):
+            c = r["curve"]
+            slow, _ = split_oscillation(np.asarray(c["cost"]), window)
+            label = f"{key[0]} eta={key[1]:g}" if i == 0 else None
+            ax1.plot(c["step"], slow, color=f"C{k}", alpha=0.7, lw=1, label=label)
+            ax2.plot(c["step"], c["lam"], color=f"C{k}", alpha=0.7, lw=1, label=label)
+    ax1.axhline(results[0]["limit"], color="k", ls="--", lw=1, label="limit d")
+    ax1.set_ylabel(f"episode cost estimate ({window}-iteration moving average)")
+    ax1.legend(fontsize=8)
+    ax2.set_ylabel("multiplier lambda")
+    ax2.set_yscale("symlog", linthresh=1)
+    ax2.set_ylim(bottom=0)
+    ax2.set_xlabel("env steps")
+    fig.suptitle("Velocity cost and multiplier over training, one line per seed")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
 def frontier(args: argparse.Namespace) -> None:
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
@@ -191,7 +251,12 @@ def frontier(args: argparse.Namespace) -> None:
                     print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
                     with open(args.out, "a") as fh:
                         fh.write(json.dumps(r) + "\n")
-    print(frontier_table([json.loads(line) for line in open(args.out)]))
+    results = [json.loads(line) for line in open(args.out)]
+    print(frontier_table(results))
+    print()
+    print(versus_pd(results))
+    if args.frontier_plot:
+        frontier_plot(results, Path(args.frontier_plot), args.window)
 
 
 def main() -> None:
@@ -208,6 +273,7 @@ def main() -> None:
     p.add_argument("--frontier", action="store_true", help="stability frontier: --variants x --etas x --seeds on the ppo-lag preset")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--etas", default="0.002,0.006,0.02")
+    p.add_argument("--frontier-plot", default=None, help="with --frontier: draw the rows' cost and multiplier curves to this PNG")
     p.add_argument("--window", type=int, default=10, help="moving-average window (iterations) of the slow part")
     args = p.parse_args()
     if args.frontier:
