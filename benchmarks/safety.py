@@ -178,8 +178,7 @@ def frontier_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-VERSUS_PD = (("slow_osc", "slow osc.", True), ("last10_cost", "last-10% cost", None), ("return_det", "return (det)", False),
-             ("return_rollout", "return (rollout)", False))
+VERSUS_PD = (("slow_osc", "slow osc."), ("last10_cost", "last-10% cost"), ("return_det", "return (det)"), ("return_rollout", "return (rollout)"))
 
 
 def versus_pd(results: list[dict]) -> str:
@@ -189,7 +188,7 @@ def versus_pd(results: list[dict]) -> str:
     from rl_align.stats import fmt, prob_improvement, summarize
 
     pd_etas = sorted({r["eta"] for r in results if r["variant"] == "pd"})
-    lines = ["| variant | eta | vs PD at | " + " | ".join(name for _, name, _ in VERSUS_PD) + " | P(slow osc. < PD) | P(return det > PD) |",
+    lines = ["| variant | eta | vs PD at | " + " | ".join(name for _, name in VERSUS_PD) + " | P(slow osc. < PD) | P(return det > PD) |",
              "|---|---|---|" + "---|" * (len(VERSUS_PD) + 2)]
     for variant in VARIANTS:
         for eta in sorted({r["eta"] for r in results if r["variant"] == variant}):
@@ -198,7 +197,7 @@ def versus_pd(results: list[dict]) -> str:
                 continue
             rs = [r for r in results if r["variant"] == variant and r["eta"] == eta]
             base = [r for r in results if r["variant"] == "pd" and r["eta"] == base_eta]
-            cells = [fmt(summarize([r[k] for r in rs]), 1) for k, _, _ in VERSUS_PD]
+            cells = [fmt(summarize([r[k] for r in rs]), 1) for k, _ in VERSUS_PD]
             if variant == "pd":
                 cells += ["–", "–"]
             else:
