@@ -121,19 +121,29 @@ class RolloutBuffer:
             for k, v in fields.items()
         }
 
-    def segments(self, H: int) -> Segments:
+    def segments(self, H: int, aligned: bool = False) -> Segments:
         """Non-overlapping windows of ``H`` steps that never cross an episode boundary.
 
         Windows tile each episode piece from its first step in the buffer and may end on the step that
         ends an episode, never after it. The remainder of a *terminated* episode (the steps up to a
         fall) becomes one more window, padded to ``H`` with the absorbing state (``Segments.mask``), so
         the oracle sees falls; the remainder before a truncation or the rollout's end is dropped (the
-        episode goes on, and its steps are judged in the next rollout's windows)."""
+        episode goes on, and its steps are judged in the next rollout's windows).
+
+        ``aligned``: the windows are the fixed ``[kH, (k + 1) H)`` of every env instead (the windows
+        ``shared_start`` branches at); one cut short by a fall is padded, one cut by a truncation, or
+        starting after a reset inside it, is dropped."""
         if H < 1 or H > self.T:
             raise ValueError(f"segment length {H} must be in [1, n_steps={self.T}]")
         envs, starts, lengths = [], [], []
         done = self.done
         for n in range(self.N):
+            if aligned:
+                for s in range(0, self.T - H + 1, H):
+                    ends = np.flatnonzero(done[s : s + H, n])
+                    if len(ends) == 0 or ends[0] == H - 1 or self.terminated[s + ends[0], n]:
+                        envs.append(n), starts.append(s), lengths.append(H if len(ends) == 0 else int(ends[0]) + 1)
+                continue
             piece_start = 0
             for end in list(np.flatnonzero(done[:, n])) + [self.T - 1]:
                 full = max(0, end - piece_start + 1) // H
@@ -158,10 +168,14 @@ class RolloutBuffer:
         )
 
     @staticmethod
-    def pairs(n_segments: int, max_pairs: int | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Index pairs ``(i, j)``, ``i != j``: all ``M (M - 1) / 2`` pairs, or a random subset of
-        ``max_pairs`` of them; the order inside a pair is randomized."""
+    def pairs(n_segments: int, max_pairs: int | None, rng: np.random.Generator, key: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Index pairs ``(i, j)``, ``i != j``: all ``M (M - 1) / 2`` pairs (only those with equal ``key[i] ==
+        key[j]`` when a key per segment is given), or a random subset of ``max_pairs`` of them; the order
+        inside a pair is randomized."""
         i, j = np.triu_indices(n_segments, k=1)
+        if key is not None:
+            same = key[i] == key[j]
+            i, j = i[same], j[same]
         if max_pairs is not None and max_pairs < len(i):
             keep = rng.choice(len(i), size=max_pairs, replace=False)
             i, j = i[keep], j[keep]

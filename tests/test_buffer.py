@@ -104,3 +104,29 @@ def test_episode_tracker_sums_per_env():
     tr.step(np.array([1.0, 2.0]), np.array([0.0, 1.0]), np.array([False, False]))
     tr.step(np.array([1.0, 2.0]), np.array([1.0, 1.0]), np.array([True, False]))
     assert tr.pop() == [(2.0, 1.0, 2)]
+
+
+def test_aligned_windows_pad_a_fall_and_drop_a_truncation():
+    """``aligned``: the fixed windows [0, 10), [10, 20), ... of each env; a fall at t = 24 pads 20..24 and
+    drops 25..29 (it started after the reset), a truncation at t = 33 drops 30..39."""
+    buf = RolloutBuffer(n_steps=40, n_envs=1, obs_dim=2, act_dim=1)
+    buf.terminated[24, 0] = True
+    buf.truncated[33, 0] = True
+    segs = buf.segments(10, aligned=True)
+    assert list(segs.start) == [0, 10, 20] and segs.mask.sum(-1).tolist() == [10, 10, 5]
+    buf.truncated[9, 0] = True  # an episode ending on a window's last step keeps that window
+    assert list(buf.segments(10, aligned=True).start) == [0, 10, 20]
+
+
+def test_pairs_with_a_key_stay_inside_their_key():
+    key = np.array([0, 0, 1, 1, 1, 2])
+    i, j = RolloutBuffer.pairs(6, None, np.random.default_rng(0), key)
+    assert {frozenset(p) for p in zip(i, j)} == {frozenset(p) for p in [(0, 1), (2, 3), (2, 4), (3, 4)]}
+
+
+def test_tracker_copy_continues_the_source_episode():
+    tr = EpisodeTracker(3)
+    tr.step(np.array([1.0, 5.0, 7.0]), np.zeros(3), np.zeros(3, bool))
+    tr.copy(0, [1, 2])
+    tr.step(np.array([1.0, 2.0, 3.0]), np.zeros(3), np.array([True, True, True]))
+    assert tr.pop() == [(2.0, 0.0, 2), (3.0, 0.0, 2), (4.0, 0.0, 2)]

@@ -230,7 +230,56 @@ def test_run_writes_pl_scalars_to_tensorboard_and_csv(tmp_path):
     assert summary["queries_used"] > 0
 
 
+def test_shared_start_pairs_branch_from_one_state():
+    """``shared_start=2`` on real HalfCheetah-v5 (episodes of 30 steps, so windows meet resets): every
+    labelled pair is two segments of one env group and window whose first states are identical (the
+    MuJoCo state was copied), whose actions differ; with ``shared_start=1`` first states differ."""
+    over = SMALL + ["agent.n_envs=4", "agent.n_steps=100", "agent.segment_len=20", "env.max_episode_steps=30"]
+    for G in (2, 1):
+        cfg = resolve_config("halfcheetah-pref", "sail", over + [f"agent.shared_start={G}"])
+        agent, env = build_agent(cfg)
+        prepare(agent, cfg)
+        obs, tracker = env.reset(), EpisodeTracker(env.n_envs)
+        for _ in range(2):
+            obs = agent.collect(env, obs, tracker)
+        from rl_align.agents.preferences import label_pairs
+        lp = label_pairs(agent.buffer, 20, None, agent.rng, agent.oracle, G)
+        seg = lp.seg
+        first = seg.raw_obs[:, 0]
+        same = np.abs(first[lp.i] - first[lp.j]).max(-1) == 0
+        if G == 2:
+            assert len(lp.i) >= 4 and same.all()
+            assert (seg.start[lp.i] == seg.start[lp.j]).all() and (seg.env[lp.i] // 2 == seg.env[lp.j] // 2).all()
+            assert (np.abs(seg.actions[lp.i, 0] - seg.actions[lp.j, 0]).max(-1) > 0).all()
+            # the tracker's episodes are whole trajectories: every finished one lasts the time limit
+            assert {n for _, _, n in tracker.pop()} == {30}
+        else:
+            assert not same.any()
+        env.close()
+
+
+def test_antithetic_branches_start_with_mirrored_actions():
+    """``antithetic``: the two branches of a pair take ``mu(s) + std * eps`` and ``mu(s) - std * eps`` at their
+    shared first state; later steps (at states that have drifted apart) still differ."""
+    from rl_align.agents.preferences import label_pairs
+
+    cfg = resolve_config("halfcheetah-pref", "sail", SMALL + ["agent.shared_start=2", "agent.antithetic=true"])
+    agent, env = build_agent(cfg)
+    prepare(agent, cfg)
+    agent.collect(env, env.reset(), EpisodeTracker(env.n_envs))
+    lp = label_pairs(agent.buffer, 20, None, agent.rng, agent.oracle, 2)
+    seg = lp.seg
+    with torch.no_grad():
+        mu = agent.policy.mean(torch.as_tensor(seg.obs[lp.i, 0])).numpy()
+    np.testing.assert_allclose(seg.actions[lp.i, 0] + seg.actions[lp.j, 0], 2 * mu, atol=1e-5)
+    assert np.abs(seg.actions[lp.i, 1:] + seg.actions[lp.j, 1:]).max() > 1e-3
+    with pytest.raises(UserError, match="even agent.shared_start"):
+        resolve_config("halfcheetah-pref", "sail", SMALL + ["agent.antithetic=true"])
+    env.close()
+
+
 @pytest.mark.parametrize("override, message", [
+    ("agent.shared_start=3", "shared_start"),
     ("agent.segment_len=500", "segment_len"),
     ("agent.revkl_coef=-0.1", "revkl_coef"),
     ("agent.beta=0", "beta"),

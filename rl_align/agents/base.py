@@ -137,10 +137,11 @@ class Agent:
         Log-probs are of the unclipped sample; the env gets the action clipped to its bounds."""
         buf, actor = self.buffer, self.actor()
         for t in range(buf.T):
+            raw_obs = self.before_step(env, raw_obs, tracker, t, actor)
             if self.config.normalize_obs and not self.freeze_obs_rms:
                 self.obs_rms.update(raw_obs)
             obs = self.normalize(raw_obs)
-            action, buf.logp[t] = actor.sample(obs, self.act_rng)
+            action, buf.logp[t] = actor.sample(obs, self.action_noise())
             buf.values[t], buf.cost_values[t] = actor.values(obs)
             step = env.step(np.clip(action, self.act_low, self.act_high))
             buf.obs[t], buf.raw_obs[t], buf.actions[t] = obs, raw_obs, action
@@ -155,6 +156,15 @@ class Agent:
         buf.last_obs[:] = self.normalize(raw_obs)
         buf.last_values[:], buf.last_cost_values[:] = actor.values(buf.last_obs)
         self.env_steps += buf.T * buf.N
+        return raw_obs
+
+    def action_noise(self):
+        """Where the rollout's action noise comes from (``standard_normal``): the agent's own stream."""
+        return self.act_rng
+
+    def before_step(self, env: VecEnv, raw_obs: np.ndarray, tracker: "EpisodeTracker", t: int, actor: "NumpyActor") -> np.ndarray:
+        """A hook at the top of rollout step ``t``: the raw observations to act on (no change by default;
+        the preference agents branch envs from a shared state here, ``shared_start``)."""
         return raw_obs
 
     def update(self, episodes: list[tuple[float, float, int]]) -> dict[str, float]:
@@ -258,6 +268,11 @@ class EpisodeTracker:
         for i in np.flatnonzero(done):
             self.finished.append((float(self.ret[i]), float(self.cost[i]), int(self.len[i])))
             self.ret[i] = self.cost[i] = self.len[i] = 0
+
+    def copy(self, src: int, dst: list[int]) -> None:
+        """Envs ``dst`` now continue env ``src``'s episode (``VecEnv.copy_state``): they inherit its sums."""
+        for k in dst:
+            self.ret[k], self.cost[k], self.len[k] = self.ret[src], self.cost[src], self.len[src]
 
     def pop(self) -> list[tuple[float, float, int]]:
         out, self.finished = self.finished, []

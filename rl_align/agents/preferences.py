@@ -23,13 +23,19 @@ class LabelledPairs:
     agreement: float
 
 
-def label_pairs(buffer: RolloutBuffer, H: int, max_pairs: int | None, rng: np.random.Generator, oracle) -> LabelledPairs | None:
+def label_pairs(buffer: RolloutBuffer, H: int, max_pairs: int | None, rng: np.random.Generator, oracle,
+                shared_start: int = 1) -> LabelledPairs | None:
     """Cut ``buffer`` into ``H``-step segments, draw pairs (all, or ``max_pairs`` of them), ask ``oracle``.
-    None when the rollout holds fewer than two segments or no query is wanted."""
-    seg = buffer.segments(H)
+    With ``shared_start = G > 1`` envs ``[kG, (k + 1) G)`` started each aligned window from one state
+    (``VecEnv.copy_state``) and only segments of one group and window are paired: a pair then differs
+    by its actions alone, as two responses to one prompt do. None when there is no pair to ask about."""
+    seg = buffer.segments(H, aligned=shared_start > 1)
     if len(seg) < 2 or max_pairs == 0:
         return None
-    i, j = buffer.pairs(len(seg), max_pairs, rng)
+    key = seg.start * (buffer.N // shared_start) + seg.env // shared_start if shared_start > 1 else None
+    i, j = buffer.pairs(len(seg), max_pairs, rng, key)
+    if len(i) == 0:
+        return None
     s1, s2 = seg.take(i), seg.take(j)
     labels = oracle.label(s1, s2)
     return LabelledPairs(seg, i, j, labels, oracle.agreement(s1, s2, labels))

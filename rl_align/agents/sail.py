@@ -59,6 +59,8 @@ class SAILConfig(AgentConfig):
     normalize_shift: bool = True  # normalize the shift weights like advantages (False: the exact-gradient scale)
     segment_len: int = 50
     pairs_per_batch: int | None = None  # None: all pairs of segments in the rollout
+    shared_start: int = 1  # G > 1: groups of G envs start every segment window from one state; pairs within a group
+    antithetic: bool = False  # with shared_start: envs 2m + 1 act with the negated noise of envs 2m (mirrored branches)
     replay: int = 0  # the DPO part also draws on the labelled pairs of this many earlier rollouts
     replay_ratio: float = 1.0  # stored pairs per fresh pair in each update (when replay > 0)
     loser_weight: float = 1.0  # CPL's conservative margin h_w - loser_weight * h_l (1: plain DPO)
@@ -90,6 +92,11 @@ class SAILConfig(AgentConfig):
             raise UserError(f"agent.target_kl must be > 0 or null (no early stop), got {self.target_kl}")
         if self.segment_len < 1 or self.segment_len > self.n_steps:
             raise UserError(f"agent.segment_len={self.segment_len} must be between 1 and agent.n_steps={self.n_steps} (a segment lies inside one rollout)")
+        if self.shared_start < 1 or self.n_envs % self.shared_start or (self.shared_start > 1 and self.n_steps % self.segment_len):
+            raise UserError(f"agent.shared_start={self.shared_start} must be >= 1 and divide agent.n_envs={self.n_envs}; "
+                            f"above 1 agent.segment_len={self.segment_len} must divide agent.n_steps={self.n_steps}")
+        if self.antithetic and self.shared_start % 2:
+            raise UserError(f"agent.antithetic pairs envs 2m and 2m + 1 of a group: it needs an even agent.shared_start, got {self.shared_start}")
         if self.pairs_per_batch is not None and self.pairs_per_batch < 1:
             raise UserError(f"agent.pairs_per_batch must be >= 1 or null (all pairs), got {self.pairs_per_batch}")
         if self.diag_pairs < 2 or self.win_rate_episodes < 1:
@@ -153,6 +160,20 @@ def expected_h(policy, ref_policy, obs: torch.Tensor, mask: torch.Tensor, beta: 
     ``[M]`` from states ``[M, H, obs]``: the offset ``center_h`` subtracts (a function of the states only)."""
     kl = gaussian_kl(policy.mean(obs), policy.log_std, ref_policy.mean(obs), ref_policy.log_std)
     return beta * segment_kl(kl, mask)
+
+
+class Antithetic:
+    """Action noise with rows ``2m + 1`` the negation of rows ``2m`` (``antithetic``): two branches from
+    one state then try mirrored actions first, and their label is the sign of a finite difference.
+    Each row alone is still ``N(0, I)``, so each branch is on-policy."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def standard_normal(self, shape: tuple[int, ...]) -> np.ndarray:
+        eps = self.rng.standard_normal(shape)
+        eps[1::2] = -eps[0::2]
+        return eps
 
 
 class PairStore:
@@ -324,6 +345,28 @@ class SAIL(Agent):
     def moving_reference(self) -> torch.nn.Module | None:
         return self.ref_policy if self.schedule is not None else None
 
+    # ---- the rollout ------------------------------------------------------------------------------
+    def before_step(self, env, raw_obs: np.ndarray, tracker, t: int, actor) -> np.ndarray:
+        """``shared_start``: at each window start, the envs of a group take their first env's state (the
+        paired segments then share their start, the "prompt"). A branched env's own trajectory ends
+        here: its previous step is marked truncated and bootstrapped from the state it left (for the cost critic)."""
+        G, buf = self.config.shared_start, self.buffer
+        if G == 1 or t % self.config.segment_len:
+            return raw_obs
+        raw_obs = raw_obs.copy()
+        for lead in range(0, env.n_envs, G):
+            dst = list(range(lead + 1, lead + G))
+            cut = [k for k in dst if t > 0 and not buf.done[t - 1, k]]  # (an episode that just ended is cut already)
+            if cut:
+                buf.truncated[t - 1, cut] = True
+                buf.final_values[t - 1, cut], buf.final_cost_values[t - 1, cut] = actor.values(self.normalize(raw_obs[cut]))
+            raw_obs[dst] = env.copy_state(lead, dst)
+            tracker.copy(lead, dst)
+        return raw_obs
+
+    def action_noise(self):
+        return Antithetic(self.act_rng) if self.config.antithetic else self.act_rng
+
     # ---- the batch --------------------------------------------------------------------------------
     def _batch(self) -> dict[str, torch.Tensor] | None:
         """Label pairs of this rollout's segments; tensors of the segments and of the valid (non-tie,
@@ -331,7 +374,7 @@ class SAIL(Agent):
         c = self.config
         if self.oracle.config.kind == "human":  # labelled pairs from a label store (no shift part: rl_align/labels/learn.py)
             return sail_batch(self)
-        lp = label_pairs(self.buffer, c.segment_len, c.pairs_per_batch, self.rng, self.oracle)
+        lp = label_pairs(self.buffer, c.segment_len, c.pairs_per_batch, self.rng, self.oracle, c.shared_start)
         if lp is None:
             return None
         seg, i, j, labels = lp.seg, lp.i, lp.j, lp.labels

@@ -174,6 +174,28 @@ class VecEnv:
             _set_attr(env, "_elapsed_steps", st["elapsed_steps"])
             base.np_random.bit_generator.state = st["np_random"]
 
+    def copy_state(self, src: int, dst: list[int]) -> np.ndarray:
+        """Put envs ``dst`` in env ``src``'s exact state (MuJoCo integration state and time-limit counter;
+        each keeps its own reset noise) and return their observations ``[len(dst), obs_dim]``: from here
+        on they branch, each with its own actions (``shared_start`` pairs of the preference agents)."""
+        if self.async_env is not None:
+            raise UserError("agent.shared_start needs env.vectorization: sync (async envs live in subprocesses)")
+        import mujoco
+
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        base = self.envs[src].unwrapped
+        state = np.empty(mujoco.mj_stateSize(base.model, spec))
+        mujoco.mj_getState(base.model, base.data, state, spec)
+        elapsed = _find_attr(self.envs[src], "_elapsed_steps")
+        out = []
+        for k in dst:
+            other = self.envs[k].unwrapped
+            mujoco.mj_setState(other.model, other.data, state, spec)
+            mujoco.mj_forward(other.model, other.data)
+            _set_attr(self.envs[k], "_elapsed_steps", elapsed)
+            out.append(other._get_obs())
+        return np.stack(out).astype(np.float32)
+
     def close(self) -> None:
         for env in self.envs:
             env.close()
