@@ -20,6 +20,7 @@ conservative margin ``h_w - loser_weight * h_l``. With ``center_h`` the DPO part
 segment's own states (a state-only offset, fixed at theta_old): ``beta log pi/pi_ref`` minus its mean under
 pi is an advantage, so two segments from different states are compared on their summed advantages (the
 regret preference model of CPL) instead of on how far pi has moved from pi_ref in the states each visits.
+With ``shared_start`` the pairs are of branches from one state (the "prompt" of a pair; see SAIL.before_step).
 The agent never reads ``buffer.rewards``: only the oracle
 does (and the label-agreement diagnostic, which asks the oracle).
 
