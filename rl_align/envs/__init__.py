@@ -148,31 +148,17 @@ class VecEnv:
         uninterrupted one. None for ``vectorization: async`` (the envs live in subprocesses)."""
         if self.async_env is not None:
             return None
-        import mujoco
-
-        out = []
-        for env in self.envs:
-            base = env.unwrapped
-            spec = mujoco.mjtState.mjSTATE_INTEGRATION
-            state = np.empty(mujoco.mj_stateSize(base.model, spec))
-            mujoco.mj_getState(base.model, base.data, state, spec)
-            out.append({"mj_state": state.tolist(), "elapsed_steps": _find_attr(env, "_elapsed_steps"),
-                        "np_random": base.np_random.bit_generator.state})
-        return out
+        return [{"mj_state": _sim_state(env).tolist(), "elapsed_steps": _find_attr(env, "_elapsed_steps"),
+                 "np_random": env.unwrapped.np_random.bit_generator.state} for env in self.envs]
 
     def set_state(self, states: list[dict]) -> None:
         """Restore :meth:`get_state` (call after ``reset``, which the wrappers require once)."""
-        import mujoco
-
         if self.async_env is not None or len(states) != self.n_envs:
             raise UserError(f"the checkpoint holds the state of {len(states)} sync envs; the config asks for {self.n_envs} "
                             f"{self.config.vectorization} envs")
         for env, st in zip(self.envs, states):
-            base = env.unwrapped
-            mujoco.mj_setState(base.model, base.data, np.asarray(st["mj_state"], dtype=np.float64), mujoco.mjtState.mjSTATE_INTEGRATION)
-            mujoco.mj_forward(base.model, base.data)
-            _set_attr(env, "_elapsed_steps", st["elapsed_steps"])
-            base.np_random.bit_generator.state = st["np_random"]
+            _put_sim_state(env, np.asarray(st["mj_state"], dtype=np.float64), st["elapsed_steps"])
+            env.unwrapped.np_random.bit_generator.state = st["np_random"]
 
     def copy_state(self, src: int, dst: list[int]) -> np.ndarray:
         """Put envs ``dst`` in env ``src``'s exact state (MuJoCo integration state and time-limit counter;
@@ -180,27 +166,36 @@ class VecEnv:
         on they branch, each with its own actions (``shared_start`` pairs of the preference agents)."""
         if self.async_env is not None:
             raise UserError("agent.shared_start needs env.vectorization: sync (async envs live in subprocesses)")
-        import mujoco
-
-        spec = mujoco.mjtState.mjSTATE_INTEGRATION
-        base = self.envs[src].unwrapped
-        state = np.empty(mujoco.mj_stateSize(base.model, spec))
-        mujoco.mj_getState(base.model, base.data, state, spec)
-        elapsed = _find_attr(self.envs[src], "_elapsed_steps")
-        out = []
+        state, elapsed = _sim_state(self.envs[src]), _find_attr(self.envs[src], "_elapsed_steps")
         for k in dst:
-            other = self.envs[k].unwrapped
-            mujoco.mj_setState(other.model, other.data, state, spec)
-            mujoco.mj_forward(other.model, other.data)
-            _set_attr(self.envs[k], "_elapsed_steps", elapsed)
-            out.append(other._get_obs())
-        return np.stack(out).astype(np.float32)
+            _put_sim_state(self.envs[k], state, elapsed)
+        return np.stack([self.envs[k].unwrapped._get_obs() for k in dst]).astype(np.float32)
 
     def close(self) -> None:
         for env in self.envs:
             env.close()
         if self.async_env is not None:
             self.async_env.close()
+
+
+def _sim_state(env: gym.Env) -> np.ndarray:
+    """The MuJoCo integration state of ``env`` (qpos, qvel, act, warm start, time, ...)."""
+    import mujoco
+
+    base, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
+    state = np.empty(mujoco.mj_stateSize(base.model, spec))
+    mujoco.mj_getState(base.model, base.data, state, spec)
+    return state
+
+
+def _put_sim_state(env: gym.Env, state: np.ndarray, elapsed_steps: int | None) -> None:
+    """Set ``env``'s MuJoCo integration state (derived quantities recomputed) and its time-limit counter."""
+    import mujoco
+
+    base = env.unwrapped
+    mujoco.mj_setState(base.model, base.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+    mujoco.mj_forward(base.model, base.data)
+    _set_attr(env, "_elapsed_steps", elapsed_steps)
 
 
 def _find_attr(env: gym.Env, name: str):
