@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rl_align.agents.base import EpisodeTracker  # noqa: E402
 from rl_align.agents.preferences import label_pairs, pair_accuracy  # noqa: E402
 from rl_align.buffer import RolloutBuffer  # noqa: E402
 from rl_align.checkpoints import load_checkpoint  # noqa: E402
@@ -49,25 +50,20 @@ def accuracies(folder: str, ref: str, rollouts: int, seed: int) -> dict:
     ref_agent.load_start(load_checkpoint(Path(ref)), ref)
     env = make_vec_env(cfg.env, N_ENVS, seed=seed)
     oracle = Oracle(cfg.env.oracle, seed=seed)
-    rng, act_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
-    actor = agent.actor()
-    raw = env.reset()
+    rng = np.random.default_rng(seed)
+    # the agent's own rollout loop, on a buffer of the preset's shape, its normalizer held fixed
+    agent.buffer = RolloutBuffer(N_STEPS, N_ENVS, *agent.buffer.obs.shape[2:], agent.buffer.actions.shape[-1])
+    agent.freeze_obs_rms, agent.act_rng = True, np.random.default_rng(seed + 1)
+    raw, tracker = env.reset(), EpisodeTracker(N_ENVS)
     acc = {"h": [], "h_centred": [], "return": []}
     for _ in range(rollouts):
-        buf = RolloutBuffer(N_STEPS, N_ENVS, raw.shape[1], env.action_space.shape[0])
-        for t in range(N_STEPS):
-            action, _ = actor.sample(agent.normalize(raw), act_rng)
-            step = env.step(np.clip(action, agent.act_low, agent.act_high))
-            buf.raw_obs[t], buf.actions[t], buf.rewards[t], buf.features[t] = raw, action, step.rewards, step.features
-            buf.terminated[t], buf.truncated[t] = step.terminated, step.truncated
-            raw = step.obs
-        lp = label_pairs(buf, H, None, rng, oracle)
+        raw = agent.collect(env, raw, tracker)
+        lp = label_pairs(agent.buffer, H, None, rng, oracle)
         seg = lp.seg
         with torch.no_grad():
-            s = torch.as_tensor(seg.raw_obs.reshape(-1, seg.raw_obs.shape[-1]))
             a = torch.as_tensor(seg.actions.reshape(-1, seg.actions.shape[-1]))
-            mine = torch.as_tensor(agent.normalize(s.numpy()))
-            theirs = torch.as_tensor(ref_agent.normalize(s.numpy()))
+            s = seg.raw_obs.reshape(-1, seg.raw_obs.shape[-1])
+            mine, theirs = torch.as_tensor(agent.normalize(s)), torch.as_tensor(ref_agent.normalize(s))
             ratio = agent.policy.log_prob(mine, a) - ref_agent.policy.log_prob(theirs, a)
             kl = gaussian_kl(agent.policy.mean(mine), agent.policy.log_std, ref_agent.policy.mean(theirs), ref_agent.policy.log_std)
             mask = torch.as_tensor(seg.mask.reshape(-1), dtype=torch.float32)
