@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rl_align.agents.base import EpisodeTracker
+from rl_align.agents.preferences import label_pairs
 from rl_align.agents.sail import dpo_term, expected_h, implicit_reward, pair_accuracy, shift_term, shift_weights
 from rl_align.errors import UserError
 from rl_align.runs import resolve_config
@@ -242,7 +243,6 @@ def test_shared_start_pairs_branch_from_one_state():
         obs, tracker = env.reset(), EpisodeTracker(env.n_envs)
         for _ in range(2):
             obs = agent.collect(env, obs, tracker)
-        from rl_align.agents.preferences import label_pairs
         lp = label_pairs(agent.buffer, 20, None, agent.rng, agent.oracle, G)
         seg = lp.seg
         first = seg.raw_obs[:, 0]
@@ -261,8 +261,6 @@ def test_shared_start_pairs_branch_from_one_state():
 def test_antithetic_branches_start_with_mirrored_actions():
     """``antithetic``: the two branches of a pair take ``mu(s) + std * eps`` and ``mu(s) - std * eps`` at their
     shared first state; later steps (at states that have drifted apart) still differ."""
-    from rl_align.agents.preferences import label_pairs
-
     cfg = resolve_config("halfcheetah-pref", "sail", SMALL + ["agent.shared_start=2", "agent.antithetic=true"])
     agent, env = build_agent(cfg)
     prepare(agent, cfg)
