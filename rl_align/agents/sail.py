@@ -357,7 +357,7 @@ class SAIL(Agent):
         raw_obs = raw_obs.copy()
         for lead in range(0, env.n_envs, G):
             dst = list(range(lead + 1, lead + G))
-            cut = [k for k in dst if t > 0 and not buf.done[t - 1, k]]  # (an episode that just ended is cut already)
+            cut = [k for k in dst if t > 0 and not (buf.terminated[t - 1, k] or buf.truncated[t - 1, k])]  # (an ended episode is cut already)
             if cut:
                 buf.truncated[t - 1, cut] = True
                 buf.final_values[t - 1, cut], buf.final_cost_values[t - 1, cut] = actor.values(self.normalize(raw_obs[cut]))
