@@ -66,6 +66,8 @@ def run_one(env: str, seed: int, variant: str, steps: int, out_dir: str, extra: 
     second = [r for r in rows if float(r["step"]) > steps / 2]
     acc = [float(r["pref/heldout_accuracy"]) for r in second if r.get("pref/heldout_accuracy")]
     ratio = [float(r["grad/revkl_over_dpo"]) for r in rows if r.get("grad/revkl_over_dpo")]
+    halves = {k: [float(r[f"grad/{k}"]) for r in rows if r.get(f"grad/{k}") not in (None, "", "nan")] for k in ("dpo_halves_cos", "pg_halves_cos")}
+    xvel = [float(r["rollout/x_velocity"]) for r in rows if r.get("rollout/x_velocity")]
     i, f = summary["initial"], summary["final"]
     return {"env": env, "seed": seed, "variant": label, "preset": preset, "sets": sets[1:], "steps": summary["env_steps"],
             "ref": str(ref), "folder": str(folder), "wall_s": time.perf_counter() - t, "queries": summary["queries_used"],
@@ -74,7 +76,9 @@ def run_one(env: str, seed: int, variant: str, steps: int, out_dir: str, extra: 
             "det_start": i["eval/return_det"], "det_end": f["eval/return_det"],
             "win_rate": f.get("eval/win_rate_vs_ref"), "kl_ref": f.get("eval/kl_to_ref"),
             "heldout_acc_2nd_half": float(np.mean(acc)) if acc else None,
-            "revkl_over_dpo_median": float(np.median(ratio)) if ratio else None}
+            "revkl_over_dpo_median": float(np.median(ratio)) if ratio else None, "extra": extra,
+            "xvel_start": xvel[0] if xvel else None, "xvel_end": float(np.mean(xvel[-8:])) if xvel else None,
+            **{f"{k}_median": float(np.median(v)) if v else None for k, v in halves.items()}}
 
 
 def table(path: Path, versus: str | None) -> None:

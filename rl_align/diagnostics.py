@@ -36,6 +36,17 @@ def flat_grad(f: torch.Tensor, params: list[torch.nn.Parameter], create_graph: b
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
+def halves_cosine(loss: Callable[[int], torch.Tensor | None], params: list[torch.nn.Parameter]) -> float:
+    """Cosine between the gradients of one loss on two disjoint halves of a batch, ``loss(0)`` and ``loss(1)``
+    (None for an empty half gives nan): how much of an update's direction two independent halves of the
+    data agree on. Near 0, the direction is sampling noise; near 1, it is the data's signal."""
+    halves = [loss(k) for k in (0, 1)]
+    if any(h is None for h in halves):
+        return float("nan")
+    g0, g1 = (flat_grad(h, params) for h in halves)
+    return float(torch.nn.functional.cosine_similarity(g0, g1, dim=0))
+
+
 def lanczos_extremes(hvp: Callable[[torch.Tensor], torch.Tensor], dim: int, iters: int = 20, seed: int = 0) -> tuple[float, float]:
     """Largest and smallest eigenvalue of a symmetric operator given as ``v -> H v`` (``dim`` entries):
     ``iters`` Lanczos steps with full re-orthogonalization, then the Ritz values of the tridiagonal."""

@@ -321,3 +321,26 @@ def test_auto_reference_is_trained_once_and_shared_across_oracle_settings(tmp_pa
     c = auto_reference(resolve_config("halfcheetah-pref", "sail-revkl", common, seed=1))
     assert a == b and a != c  # the oracle never touches PPO on the true reward; the seed does
     assert len(list((tmp_path / "_refs").glob("*/summary.json"))) == 2
+
+
+def test_halves_cosine_tells_labels_with_a_direction_from_coin_flips():
+    """``grad/dpo_halves_cos``: labels that all follow one direction (the segment more likely under a policy
+    whose mean is shifted along the output bias wins) give two disjoint halves of the segments DPO gradients
+    that agree; coin-flip labels give halves that do not. Measured on seeds 0 / 1 / 2 (160 segments of 10
+    steps from the initial policy): informed 0.29 / 0.41 / 0.48, coin flips 0.02 / 0.05 / -0.07."""
+    import copy
+
+    cfg = resolve_config("halfcheetah-pref", "sail", ["agent.ref=init", "agent.n_envs=8", "agent.n_steps=200", "agent.segment_len=10", "run.progress=false"])
+    agent, env = build_agent(cfg)
+    prepare(agent, cfg)
+    agent.collect(env, env.reset(), EpisodeTracker(env.n_envs))
+    b = agent._with_replay(agent._batch())
+    target = copy.deepcopy(agent.policy)
+    with torch.no_grad():
+        target.mean[-1].bias.add_(0.3 * target.log_std.exp())
+        score = (target.log_prob(b["obs"], b["actions"]) * b["mask"]).sum(-1) - b["old_logp"].sum(-1)
+    b["pref1"] = (score[b["i"]] > score[b["j"]]).float()
+    informed = agent.loss.halves_cosine(b)
+    b["pref1"] = torch.bernoulli(torch.full_like(b["pref1"], 0.5), generator=torch.Generator().manual_seed(0))
+    coin = agent.loss.halves_cosine(b)
+    assert informed > 0.2 and informed > coin + 0.2 and abs(coin) < 0.15, (informed, coin)

@@ -13,6 +13,7 @@ import torch
 
 from rl_align.agents import register
 from rl_align.agents.base import Agent, AgentConfig
+from rl_align.diagnostics import halves_cosine
 from rl_align.errors import UserError
 from rl_align.losses import clipped_surrogate
 from rl_align.nets import RunningMeanStd
@@ -27,11 +28,12 @@ class PPOConfig(AgentConfig):
     clip_value: float | None = None  # clip the value update as in the PPO paper's code; None: off
     target_kl: float | None = None  # stop the epoch loop early when approx KL exceeds it
     init: str | None = None  # run folder or checkpoint whose policy and obs normalizer this run starts from
+    diag_every: int = 0  # grad/pg_halves_cos every this many updates (0: off)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.vf_coef < 0 or self.ent_coef < 0:
-            raise UserError("agent.vf_coef and agent.ent_coef must be >= 0")
+        if self.vf_coef < 0 or self.ent_coef < 0 or self.diag_every < 0:
+            raise UserError("agent.vf_coef, agent.ent_coef and agent.diag_every must be >= 0")
 
     def reward_component(self, agent) -> "EnvReward":
         """The component that turns a rollout into PPO's rewards (RLHFConfig returns a learned one)."""
@@ -121,6 +123,8 @@ class PPO(Agent):
         batch = buf.flat(self.device)
         adv_all = self.lagrangian.advantages if self.lagrangian is not None else batch["advantages"]  # A_L or A_r
         n = buf.T * buf.N
+        if c.diag_every and self.updates % c.diag_every == 0:
+            metrics["grad/pg_halves_cos"] = self.halves_cosine(batch, adv_all)
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "grad_norm")}
         stop = False
         for _ in range(c.epochs):
@@ -150,6 +154,19 @@ class PPO(Agent):
         metrics.update({f"train/{k}": float(np.mean(v)) for k, v in stats.items()})
         metrics.update({"train/explained_variance": float(explained), "train/lr": lr, "train/log_std": self.policy.log_std.mean().item()})
         return metrics
+
+    def halves_cosine(self, batch: dict[str, torch.Tensor], adv: torch.Tensor) -> float:
+        """``grad/pg_halves_cos``: the policy gradient at theta_old on the first and on the second half of the
+        rollout's steps (advantages normalized within each half), in the mean network's weights: the anchor
+        for SAIL's ``grad/dpo_halves_cos``."""
+        late = torch.arange(len(adv), device=adv.device) // self.buffer.N >= self.buffer.T // 2  # flat index t * N + n
+
+        def pg(half: int) -> torch.Tensor:
+            idx = torch.nonzero(late == bool(half)).flatten()
+            a = (adv[idx] - adv[idx].mean()) / (adv[idx].std() + 1e-8)
+            return (self.policy.log_prob(batch["obs"][idx], batch["actions"][idx]) * a).mean()
+
+        return halves_cosine(pg, list(self.policy.mean.parameters()))
 
     def value_loss(self, net: torch.nn.Module, obs: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor) -> torch.Tensor:
         """``0.5 * (V(s) - R)^2``, optionally clipped around the behaviour-time values."""

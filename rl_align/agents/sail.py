@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from rl_align.agents import register
 from rl_align.agents.base import Agent, AgentConfig
 from rl_align.agents.preferences import label_pairs, pair_accuracy, segment_logp
-from rl_align.diagnostics import DiagnosticsConfig, PLDiagnostics, flat_grad
+from rl_align.diagnostics import DiagnosticsConfig, PLDiagnostics, flat_grad, halves_cosine
 from rl_align.errors import UserError
 from rl_align.labels.learn import sail_batch
 from rl_align.nets import gaussian_kl, policy_kl
@@ -289,7 +289,20 @@ class SAILLoss:
             out["grad/cos_dpo_shift"] = float(F.cosine_similarity(grads["dpo"], grads["shift"], dim=0))
         if out["grad/dpo"] > 0:
             out["grad/revkl_over_dpo"] = out["grad/revkl"] / out["grad/dpo"]
+        out["grad/dpo_halves_cos"] = self.halves_cosine(b)
         return out
+
+    def halves_cosine(self, b: dict) -> float:
+        """``grad/dpo_halves_cos``: the DPO part on two disjoint halves of the fresh segments (even and odd
+        rows, each with the fresh pairs inside it), in the mean network's weights only (the log-std shrinks
+        whatever the labels say: RESULTS.md's coin-flip control)."""
+        i, j = b["i"][: b["n_fresh_pairs"]], b["j"][: b["n_fresh_pairs"]]
+
+        def dpo(parity: int) -> torch.Tensor | None:
+            idx = torch.nonzero((i % 2 == parity) & (j % 2 == parity)).flatten()
+            return self.terms(b, idx)["dpo"] if len(idx) else None
+
+        return halves_cosine(dpo, list(self.agent.policy.mean.parameters()))
 
 
 @register("sail")
