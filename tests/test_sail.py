@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from rl_align.agents.base import EpisodeTracker
 from rl_align.agents.preferences import label_pairs
-from rl_align.agents.sail import dpo_term, expected_h, implicit_reward, pair_accuracy, shift_term, shift_weights
+from rl_align.agents.sail import dpo_term, dpo_weights, expected_h, implicit_reward, pair_accuracy, shift_term, shift_weights
 from rl_align.errors import UserError
 from rl_align.runs import resolve_config
 from rl_align.runs import build_agent
@@ -66,6 +66,25 @@ def test_revkl_zero_is_exactly_sail_and_kl_matches_closed_form():
     assert float(J) == pytest.approx(float(hand - 0.3 * kl), abs=1e-4)
     torch.testing.assert_close(_grad(J, params), _grad(hand - 0.3 * kl, params), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(_grad(J0 - J, params), _grad(0.3 * kl, params), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loser_weight", [1.0, 0.5])
+def test_clipped_dpo_part_has_the_dpo_gradient_at_theta_old(loser_weight):
+    """``dpo_clip``: the surrogate built on the per-segment weights has value 0 and exactly the DPO part's
+    gradient at theta_old; once the policy moves past the clip range its gradient is 0 (a trust region)."""
+    agent, b = _agent_with_batch(0.0)
+    agent.config.loser_weight = loser_weight
+    idx = torch.arange(len(b["pref1"]))
+    params = list(agent.policy.parameters())
+    t = agent.loss.terms(b, idx)
+    b["dpo_w"] = dpo_weights(b["i"], b["j"], b["pref1"], t["logsig"].detach(), len(b["obs"]), agent.config.beta, loser_weight)
+    t = agent.loss.terms(b, idx)
+    assert float(t["dpo_clipped"].detach()) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(_grad(t["dpo_clipped"], params), _grad(t["dpo"], params), rtol=1e-4, atol=1e-7)
+    with torch.no_grad():  # a large move: every step's ratio leaves [0.8, 1.2] on the side its weight pushes
+        b["old_logp"] = t["logp"].detach() - 2.0 * torch.sign(b["dpo_w"])[:, None]
+    g = _grad(agent.loss.terms(b, idx)["dpo_clipped"], params)
+    assert float(g.abs().max()) == 0.0
 
 
 def test_mean_only_kl_leaves_log_std_alone():

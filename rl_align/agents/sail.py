@@ -69,6 +69,7 @@ class SAILConfig(AgentConfig):
     target_kl: float | None = None  # stop the epochs when approx KL to the behaviour policy passes 1.5 x this
     center_h: bool = False  # DPO part on h minus its expectation under pi_old at each segment's states (see the module doc)
     log_std_min: float | None = None  # floor on the policy's log-std, kept by projection after each step (None: no floor)
+    dpo_clip: bool = False  # the DPO part as its gradient at theta_old behind PPO's per-step clipped ratios (a trust region)
     ref: str = "auto"  # auto | init | path to a run folder or checkpoint
     ref_agent: str = "ppo"  # preset that trains the auto reference
     ref_steps: int = 50_000  # env steps of the auto reference's PPO run
@@ -89,6 +90,8 @@ class SAILConfig(AgentConfig):
             raise UserError(f"agent.beta must be > 0, got {self.beta}")
         if not 0 < self.loser_weight <= 1:
             raise UserError(f"agent.loser_weight must be in (0, 1] (1 is plain DPO, CPL uses 0.5), got {self.loser_weight}")
+        if self.dpo_clip and self.replay:
+            raise UserError("agent.dpo_clip needs the behaviour log-probs of every pair's segments: it works on fresh pairs only, set agent.replay=0")
         if self.target_kl is not None and self.target_kl <= 0:
             raise UserError(f"agent.target_kl must be > 0 or null (no early stop), got {self.target_kl}")
         if self.segment_len < 1 or self.segment_len > self.n_steps:
@@ -139,6 +142,17 @@ def shift_weights(i: torch.Tensor, j: torch.Tensor, logsig: torch.Tensor, n_segm
     if normalize and n_segments > 1:
         w = (w - w.mean()) / (w.std() + 1e-8)
     return w
+
+
+def dpo_weights(i: torch.Tensor, j: torch.Tensor, pref1: torch.Tensor, logsig: torch.Tensor, n_segments: int, beta: float,
+                loser_weight: float = 1.0) -> torch.Tensor:
+    """Per-segment weights of the DPO part's gradient at theta_old, ``[M]``: ``grad mean_p log sigmoid(h_w - lw h_l)
+    = sum_k w_k grad log p(s_k)`` with ``w_k = beta / P * (sum_{p: k wins} s_p - lw * sum_{p: k loses} s_p)``,
+    ``s_p = sigmoid(-(h_w - lw h_l)) = 1 - exp(logsig_p)``. ``dpo_clip`` puts them behind clipped ratios."""
+    s = 1 - logsig.exp()
+    w_idx, l_idx = torch.where(pref1 > 0.5, i, j), torch.where(pref1 > 0.5, j, i)
+    g = torch.zeros(n_segments, dtype=s.dtype, device=s.device).index_add_(0, w_idx, s).index_add_(0, l_idx, -loser_weight * s)
+    return beta * g / len(s)
 
 
 def shift_term(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, w: torch.Tensor, clip: float) -> torch.Tensor:
@@ -245,6 +259,8 @@ class SAILLoss:
         w_idx, l_idx = torch.where(pref1 > 0.5, i, j), torch.where(pref1 > 0.5, j, i)
         logsig = dpo_term(h[w_idx], h[l_idx], c.loser_weight)
         terms = {"dpo": logsig.mean(), "logsig": logsig, "logp": logp, "h": h}
+        if "dpo_w" in b:  # dpo_clip: the DPO part's gradient at theta_old on the fresh segments, clipped ratios over the epochs
+            terms["dpo_clipped"] = shift_term(logp[:n_fresh], b["old_logp"][:n_fresh], b["mask"][:n_fresh], b["dpo_w"], c.clip)
         terms["bc"] = logp[w_idx].sum(-1).mean()  # winners' segment log-likelihood
         if "shift_w" in b:
             shift = shift_term(logp[:n_fresh], b["old_logp"][:n_fresh], b["mask"][:n_fresh], b["shift_w"], c.clip)
@@ -261,9 +277,10 @@ class SAILLoss:
         return terms
 
     def objective(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``J = dpo + shift_coef * shift - revkl_coef * KL_seg (+ bc_coef * bc)`` (SAIL-RevKL; revkl_coef = 0 is SAIL)."""
+        """``J = dpo + shift_coef * shift - revkl_coef * KL_seg (+ bc_coef * bc)`` (SAIL-RevKL; revkl_coef = 0 is SAIL);
+        with ``dpo_clip`` the DPO part enters as its clipped surrogate (same gradient at theta_old)."""
         c = self.agent.config
-        return terms["dpo"] + c.shift_coef * terms["shift"] - c.revkl_coef * terms["revkl"] + c.bc_coef * terms["bc"]
+        return terms.get("dpo_clipped", terms["dpo"]) + c.shift_coef * terms["shift"] - c.revkl_coef * terms["revkl"] + c.bc_coef * terms["bc"]
 
     def fixed_batch_objective(self, b: dict, idx: torch.Tensor):
         """``f(policy)``: the SAIL(-RevKL) objective on a fixed batch of pairs, where the sampling
@@ -456,6 +473,8 @@ class SAIL(Agent):
             metrics["pref/heldout_accuracy"] = pair_accuracy(t0["h"][fresh["i"]], t0["h"][fresh["j"]], fresh["pref1"])
             if not fresh.get("offline"):  # the shift part needs labels of this rollout's own segments
                 b["shift_w"] = shift_weights(fresh["i"], fresh["j"], t0["logsig"], M, c.baseline, c.normalize_shift)
+                if c.dpo_clip:
+                    b["dpo_w"] = dpo_weights(fresh["i"], fresh["j"], fresh["pref1"], t0["logsig"], M, c.beta, c.loser_weight)
         params = list(self.policy.parameters())
         d_idx = fresh_idx[: c.diag_pairs]
         if c.diag_every > 0 and (self.updates - 1) % c.diag_every == 0:
