@@ -216,12 +216,14 @@ def test_labels_not_rewards_drive_the_policy(tmp_path):
     fwd, bwd = _velocities("forward", tmp_path / "f"), _velocities("backward", tmp_path / "b")
     print("forward", np.round(fwd, 2), "backward", np.round(bwd, 2))
     assert fwd[0] == bwd[0]  # the first rollout comes from the same reference policy
-    # measured with the preset (beta 0.03, lambda 0.003), 30k steps, mean of the last 3 rollouts, seeds 0 / 1 / 2:
-    # forward 0.21 -> 0.37, 0.19 -> 0.44, 0.29 -> 0.43 (rises +0.16, +0.25, +0.14); backward ends 0.13, 0.16, 0.27
-    # (forward - backward +0.24, +0.28, +0.16). The bounds leave >= 0.10 at the worst seed. Backward does not go
-    # below zero from this forward-running reference at this budget (benchmarks/RESULTS.md, issue 14's controls).
-    assert fwd[-3:].mean() > fwd[0] + 0.03, fwd
-    assert fwd[-3:].mean() > bwd[-3:].mean() + 0.06, (fwd, bwd)
+    # Mean of the last 8 rollouts (two whole 1,000-step episodes: a rollout's velocity swings with the episode's
+    # phase). Measured with the preset (beta 0.03, lambda 0.003), 30k steps, seeds 0 / 1 / 2, on 2026-12-03:
+    # forward 0.22 -> 0.40, 0.25 -> 0.38, 0.33 -> 0.42 (rises +0.18, +0.13, +0.09); backward ends 0.21, 0.27, 0.21
+    # (forward - backward +0.19, +0.12, +0.20). The bounds leave >= 0.06 at the worst seed (the last 3 rollouts
+    # left seed 1 at +0.05, under the bound). Backward does not go below zero from this forward-running reference
+    # at this budget, nor at 100k steps (benchmarks/RESULTS.md, "Does one update's direction carry the labels?").
+    assert fwd[-8:].mean() > fwd[0] + 0.03, fwd
+    assert fwd[-8:].mean() > bwd[-8:].mean() + 0.06, (fwd, bwd)
 
 
 def test_a_user_score_by_dotted_path_drives_the_policy_as_the_built_in_one(tmp_path):
