@@ -181,3 +181,93 @@ class RolloutBuffer:
             i, j = i[keep], j[keep]
         swap = rng.random(len(i)) < 0.5
         return np.where(swap, j, i), np.where(swap, i, j)
+
+
+class ReplayBuffer:
+    """The off-policy agents' store of every transition, a ring of ``[C, N]`` (time, env) slots.
+
+    ``rewards`` is the true reward, read only by oracles (through :meth:`segments`) and by SAC on the true
+    reward; ``learned`` is the column a preference agent trains on (``relabel`` rewrites all of it).
+    Observations are stored raw (the agent normalizes at sample time, if it normalizes) with the
+    observation each step led to (``next_obs``: the ending one where an episode ended). Windows of
+    :meth:`segments` lie inside one episode (the last step of a window may end it)."""
+
+    FIELDS = ("obs", "next_obs", "actions", "rewards", "learned", "costs", "features", "terminated", "truncated")
+
+    def __init__(self, capacity: int, n_envs: int, obs_dim: int, act_dim: int) -> None:
+        self.C, self.N = max(1, -(-capacity // n_envs)), n_envs
+        C, N = self.C, n_envs
+        self.obs = np.zeros((C, N, obs_dim), np.float32)
+        self.next_obs = np.zeros((C, N, obs_dim), np.float32)
+        self.actions = np.zeros((C, N, act_dim), np.float32)  # the policy's action in [-1, 1] (before scaling to the bounds)
+        self.rewards = np.zeros((C, N))  # true reward: the oracle's
+        self.learned = np.zeros((C, N), np.float32)  # the learned reward (PEBBLE family) or the intrinsic one
+        self.costs = np.zeros((C, N))
+        self.features = np.zeros((C, N, 3), np.float32)
+        self.terminated = np.zeros((C, N), bool)
+        self.truncated = np.zeros((C, N), bool)
+        self.pos, self.size = 0, 0  # next slot to write; filled slots
+
+    def __len__(self) -> int:
+        return self.size * self.N
+
+    def add(self, obs: np.ndarray, next_obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, costs: np.ndarray,
+            features: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, learned: np.ndarray | float = 0.0) -> None:
+        """One vector step, each argument ``[N, ...]``."""
+        t = self.pos
+        self.obs[t], self.next_obs[t], self.actions[t] = obs, next_obs, actions
+        self.rewards[t], self.costs[t], self.features[t], self.learned[t] = rewards, costs, features, learned
+        self.terminated[t], self.truncated[t] = terminated, truncated
+        self.pos = (t + 1) % self.C
+        self.size = min(self.size + 1, self.C)
+
+    def sample_index(self, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``batch`` uniform ``(t, n)`` slots among the filled ones."""
+        k = rng.integers(0, self.size * self.N, size=batch)
+        return k // self.N, k % self.N
+
+    def recent(self, steps: int) -> np.ndarray:
+        """Observations of the last ``steps`` vector steps, ``[min(steps, size) * N, obs_dim]``."""
+        k = min(steps, self.size)
+        idx = (self.pos - k + np.arange(k)) % self.C
+        return self.obs[idx].reshape(-1, self.obs.shape[-1])
+
+    def segments(self, M: int, H: int, rng: np.random.Generator, window: int | None = None) -> Segments | None:
+        """``M`` random windows of ``H`` consecutive steps of one env inside one episode, drawn from the last
+        ``window`` vector steps (all when None); None when no such window exists yet."""
+        k = min(self.size, window or self.size)
+        if k < H:
+            return None
+        chron = (self.pos - k + np.arange(k)) % self.C  # slot of the i-th oldest step in the window
+        done = (self.terminated | self.truncated)[chron]  # [k, N]
+        # a start i is valid when steps i .. i + H - 2 end no episode (the window's last step may)
+        ends = np.concatenate([np.zeros((1, self.N), int), np.cumsum(done, axis=0)])
+        valid = (ends[np.arange(k - H + 1) + H - 1] - ends[np.arange(k - H + 1)]) == 0  # [k - H + 1, N]
+        starts, envs = np.nonzero(valid)
+        if len(starts) == 0:
+            return None
+        pick = rng.integers(0, len(starts), size=M)
+        start, env = starts[pick], envs[pick]
+        t_idx = chron[start[:, None] + np.arange(H)[None, :]]  # [M, H] slots
+        n_idx = env[:, None]
+        mask = np.ones((M, H), bool)
+        return Segments(env, t_idx[:, 0], self.obs[t_idx, n_idx], self.actions[t_idx, n_idx], np.zeros((M, H), np.float32),
+                        self.rewards[t_idx, n_idx], self.costs[t_idx, n_idx], self.features[t_idx, n_idx], mask,
+                        self.obs[t_idx, n_idx])
+
+    def relabel(self, reward_fn, chunk: int = 8192) -> None:
+        """``learned <- reward_fn(obs, actions)`` on every filled slot, ``chunk`` steps at a time."""
+        obs = self.obs[: self.size].reshape(-1, self.obs.shape[-1])
+        act = self.actions[: self.size].reshape(-1, self.actions.shape[-1])
+        out = self.learned[: self.size].reshape(-1)
+        for s in range(0, len(obs), chunk):
+            out[s : s + chunk] = reward_fn(obs[s : s + chunk], act[s : s + chunk])
+
+    def state_dict(self) -> dict:
+        """The filled slots only (a checkpoint early in a run stays small)."""
+        return {"pos": self.pos, "size": self.size, **{f: torch.from_numpy(np.ascontiguousarray(getattr(self, f)[: self.size])) for f in self.FIELDS}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos, self.size = int(state["pos"]), int(state["size"])
+        for f in self.FIELDS:
+            getattr(self, f)[: self.size] = state[f].numpy()

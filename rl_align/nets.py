@@ -1,4 +1,6 @@
-"""Networks every agent shares: observation normalizer, diagonal Gaussian policy, value MLP."""
+"""Networks every agent shares: observation normalizer, diagonal Gaussian policy (on-policy agents),
+tanh-squashed Gaussian policy (SAC), value MLP, and one ensemble primitive (K independent MLPs in one
+batched matmul: SAC's twin critics, the PEBBLE reward ensemble)."""
 
 from __future__ import annotations
 
@@ -69,6 +71,67 @@ class GaussianPolicy(nn.Module):
         """``log pi(a|s)`` summed over action dimensions, ``[B]``."""
         return self.dist(obs).log_prob(actions).sum(-1)
 
+    def dist_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, log_std)`` of the Gaussian at ``obs``, each ``[B, act_dim]``."""
+        mu = self.mean(obs)
+        return mu, self.log_std.expand_as(mu)
+
+
+class SquashedGaussianPolicy(nn.Module):
+    """SAC's actor: ``u ~ N(mu(s), diag(std(s)^2))``, ``a = tanh(u)`` in ``[-1, 1]`` (scaled to the action
+    bounds by the agent). ``log_std`` is bounded to ``[log_std_min, log_std_max]`` by a tanh, as in
+    PEBBLE's and the SAIL-RevKL paper's actor."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], activation: str = "relu",
+                 log_std_bounds: tuple[float, float] = (-5.0, 2.0)) -> None:
+        super().__init__()
+        self.trunk = mlp(obs_dim, 2 * act_dim, hidden, activation, 1.0, False)
+        self.log_std_min, self.log_std_max = log_std_bounds
+
+    def dist_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, log_std)`` of the pre-squash Gaussian, each ``[B, act_dim]``."""
+        mu, raw = self.trunk(obs).chunk(2, dim=-1)
+        return mu, self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(raw) + 1)
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Reparameterized ``a = tanh(mu + std * eps)`` ``[B, act_dim]``, ``log pi(a|s)`` ``[B]`` (with the tanh
+        Jacobian, ``log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))``) and the Gaussian's ``(mu, log_std)``."""
+        mu, log_std = self.dist_params(obs)
+        eps = torch.randn_like(mu)
+        u = mu + log_std.exp() * eps
+        logp = (-0.5 * eps**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        logp = logp - (2 * (math.log(2.0) - u - nn.functional.softplus(-2 * u))).sum(-1)
+        return torch.tanh(u), logp, (mu, log_std)
+
+
+class Ensemble(nn.Module):
+    """``K`` independent MLPs ``in -> hidden -> out`` with weights stacked on a leading member axis, applied
+    to ``[K, B, in]`` (each member its own batch) or ``[B, in]`` (one batch for all) by ``baddbmm``: one
+    kernel launch per layer for all members. PyTorch's default ``nn.Linear`` initialization per member."""
+
+    def __init__(self, members: int, in_dim: int, out_dim: int, hidden: list[int], activation: str = "relu",
+                 out_activation: str | None = None) -> None:
+        super().__init__()
+        self.members, self.act = members, ACTIVATIONS[activation]()
+        self.out_act = ACTIVATIONS[out_activation]() if out_activation else None
+        dims = [in_dim] + list(hidden) + [out_dim]
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for a, b in zip(dims[:-1], dims[1:]):
+            bound = 1 / math.sqrt(a)  # nn.Linear's kaiming-uniform(a=sqrt(5)) and bias init, per member
+            self.weights.append(nn.Parameter(torch.empty(members, a, b).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(members, 1, b).uniform_(-bound, bound)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[K, B, out]`` for ``x`` of shape ``[K, B, in]`` or ``[B, in]``."""
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.members, -1, -1)
+        last = len(self.weights) - 1
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if k < last:
+                x = self.act(x)
+        return self.out_act(x) if self.out_act is not None else x
+
 
 def gaussian_kl(mu_p: torch.Tensor, log_std_p: torch.Tensor, mu_q: torch.Tensor, log_std_q: torch.Tensor, std_part: bool = True) -> torch.Tensor:
     """Closed-form ``KL(N_p || N_q)`` of diagonal Gaussians, summed over action dims, ``[B]``:
@@ -83,9 +146,10 @@ def gaussian_kl(mu_p: torch.Tensor, log_std_p: torch.Tensor, mu_q: torch.Tensor,
 
 
 @torch.no_grad()
-def policy_kl(policy: GaussianPolicy, other: GaussianPolicy, obs: torch.Tensor) -> float:
-    """``KL(policy || other)`` per state, averaged over normalized states ``obs``."""
-    return float(gaussian_kl(policy.mean(obs), policy.log_std, other.mean(obs), other.log_std).mean())
+def policy_kl(policy: nn.Module, other: nn.Module, obs: torch.Tensor) -> float:
+    """``KL(policy || other)`` per state, averaged over normalized states ``obs`` (two tanh-squashed
+    Gaussians: the KL of their pre-squash Gaussians, which the bijection leaves unchanged)."""
+    return float(gaussian_kl(*policy.dist_params(obs), *other.dist_params(obs)).mean())
 
 
 def numpy_forward(seq: nn.Sequential):

@@ -197,7 +197,7 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
     notes: list[str] = []
     try:
         while agent.env_steps < run.steps:
-            t0 = time.perf_counter()
+            t0, steps_before = time.perf_counter(), agent.env_steps
             obs = agent.collect(env, obs, tracker)
             t_collect = time.perf_counter() - t0
             episodes = tracker.pop()
@@ -211,11 +211,10 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
                              "update, so the policy does not change; raise env.oracle.budget")
                 print(f"rl-align: note: {notes[-1]}", file=sys.stderr)
             dt = time.perf_counter() - t0
-            steps_it = agent.buffer.T * agent.buffer.N
             logger.record_dict(metrics)
-            logger.record("time/sps", steps_it / dt)
+            logger.record("time/sps", (agent.env_steps - steps_before) / dt)
             logger.record("time/collect_fraction", t_collect / dt)
-            logger.record("rollout/x_velocity", float(agent.buffer.features[..., 0].mean()))
+            logger.record("rollout/x_velocity", float(agent.iteration_features()[..., 0].mean()))
             if agent.oracle is not None and agent.oracle.queries:
                 logger.record("train/queries_used", float(agent.oracle.queries))
             if episodes:

@@ -7,7 +7,7 @@ import importlib
 from rl_align.errors import UserError
 
 REGISTRY: dict[str, tuple[type, type]] = {}
-_MODULES = ("ppo", "sail", "rlhf", "comal")  # imported lazily so one broken module breaks only itself
+_MODULES = ("ppo", "sail", "rlhf", "comal", "sac")  # imported lazily so one broken module breaks only itself
 
 
 def register(name: str, config_cls: type | None = None):

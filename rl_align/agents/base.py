@@ -1,6 +1,13 @@
-"""What every agent shares: policy + value nets, observation normalizer, rollout collection into the
-shared buffer, evaluation actions, checkpoint state. Algorithms subclass :class:`Agent` once and
-write only ``update``."""
+"""What every agent shares, and the on-policy side.
+
+:class:`Agent`: the config, the seeded generators, the observation normalizer, the policy's acting copy,
+what the agent starts from, the step counters and the checkpoint state. The training loop calls only
+``collect`` (gather env steps; an off-policy agent also learns there) and ``update`` (finish the
+iteration, return scalars to log).
+
+:class:`OnPolicyAgent`: the rollout buffer, the value nets, the Lagrangian layer, one optimizer and
+``collect`` of ``n_steps`` per env (PPO, RLHF, the SAIL family, COMAL). The off-policy agent (SAC and the
+PEBBLE family, rl_align/agents/sac.py) carries none of it. An algorithm subclasses one of the two."""
 
 from __future__ import annotations
 
@@ -18,66 +25,74 @@ from rl_align.nets import ACTIVATIONS, GaussianPolicy, RunningMeanStd, ValueNet,
 
 @dataclass
 class AgentConfig:
-    """Fields common to every agent: rollout shape, networks, optimizer."""
+    """Fields common to every agent: envs, networks, optimizer step size, discount."""
 
     n_envs: int = 1
-    n_steps: int = 2048  # steps per env per rollout
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     activation: str = "tanh"
+    lr: float = 3e-4
+    gamma: float = 0.99
+    normalize_obs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_envs < 1:
+            raise UserError(f"agent.n_envs must be >= 1, got {self.n_envs}")
+        if self.lr <= 0:
+            raise UserError(f"agent.lr must be > 0, got {self.lr}")
+        if not 0 <= self.gamma <= 1:
+            raise UserError(f"agent.gamma must be in [0, 1], got {self.gamma}")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if any(h < 1 for h in self.hidden):
+            raise UserError(f"agent.hidden sizes must be >= 1, got {self.hidden}")
+
+
+@dataclass
+class OnPolicyConfig(AgentConfig):
+    """The on-policy side: rollout shape, GAE, epochs over each rollout, PPO's clip, the Lagrangian layer."""
+
+    n_steps: int = 2048  # steps per env per rollout
     log_std_init: float = 0.0
     ortho_init: bool = True
-    lr: float = 3e-4
     lr_schedule: str = "constant"  # constant | linear (to 0 at the end of the run)
-    gamma: float = 0.99
     gae_lambda: float = 0.95
     epochs: int = 10
     minibatch: int = 64
     clip: float = 0.2
     max_grad_norm: float = 0.5
-    normalize_obs: bool = True
     constraint: ConstraintConfig = field(default_factory=ConstraintConfig)  # the Lagrangian layer (method: none | pd | pid | opd)
 
     def __post_init__(self) -> None:
-        for k in ("n_envs", "n_steps", "epochs", "minibatch"):
+        super().__post_init__()
+        for k in ("n_steps", "epochs", "minibatch"):
             if getattr(self, k) < 1:
                 raise UserError(f"agent.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("lr", "clip", "max_grad_norm"):
+        for k in ("clip", "max_grad_norm"):
             if getattr(self, k) <= 0:
                 raise UserError(f"agent.{k} must be > 0, got {getattr(self, k)}")
-        for k in ("gamma", "gae_lambda"):
-            if not 0 <= getattr(self, k) <= 1:
-                raise UserError(f"agent.{k} must be in [0, 1], got {getattr(self, k)}")
-        if self.activation not in ACTIVATIONS:
-            raise UserError(f"agent.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if not 0 <= self.gae_lambda <= 1:
+            raise UserError(f"agent.gae_lambda must be in [0, 1], got {self.gae_lambda}")
         if self.lr_schedule not in ("constant", "linear"):
             raise UserError(f"agent.lr_schedule must be constant or linear, got {self.lr_schedule!r}")
-        if any(h < 1 for h in self.hidden):
-            raise UserError(f"agent.hidden sizes must be >= 1, got {self.hidden}")
 
 
 class Agent:
-    """Base of every algorithm (the only class between an agent and ``object``)."""
+    """Base of every algorithm. Subclasses build ``self.policy`` (with ``dist_params(obs) -> (mu, log_std)``,
+    the Gaussian before any squashing) and write ``collect`` and ``update``."""
 
     config_cls = AgentConfig
+    policy: torch.nn.Module
 
     def __init__(self, config: AgentConfig, env: VecEnv, seed: int, device: str = "cpu", oracle=None, total_steps: int = 1) -> None:
         self.config, self.device, self.oracle = config, torch.device(device), oracle
-        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        self.obs_dim, self.act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         self.act_low, self.act_high = env.action_space.low, env.action_space.high
         torch.manual_seed(seed)
-        c = config
-        self.policy = GaussianPolicy(obs_dim, act_dim, c.hidden, c.activation, c.log_std_init, c.ortho_init).to(self.device)
-        self.value = ValueNet(obs_dim, c.hidden, c.activation, c.ortho_init).to(self.device)
-        self.cost_value: ValueNet | None = None  # built by the Lagrangian layer when constrained
-        self.obs_rms = RunningMeanStd((obs_dim,))
-        self.buffer = RolloutBuffer(c.n_steps, env.n_envs, obs_dim, act_dim)
+        self.obs_rms = RunningMeanStd((self.obs_dim,))
         self.rng = np.random.default_rng(seed)
         self.act_rng = np.random.default_rng(seed + 1)  # action noise: its own stream
-        self.optimizer = torch.optim.Adam(list(self.policy.parameters()) + list(self.value.parameters()), lr=c.lr, eps=1e-5, **adam_kwargs(self.device))
-        self.lagrangian = (Lagrangian(c.constraint, self, limit=env.config.cost.limit, horizon=episode_horizon(env.config))  # d = env.cost.limit
-                           if c.constraint.method != "none" else None)
         self.env_steps = 0
-        self.total_steps = total_steps  # the run's budget, for the learning-rate schedule
+        self.total_steps = total_steps  # the run's budget, for schedules
         self.updates = 0
         self.freeze_obs_rms = False  # preference agents see states through pi_ref's frozen normalizer
 
@@ -108,7 +123,8 @@ class Agent:
         return None
 
     def moving_reference(self) -> torch.nn.Module | None:
-        """A reference that moves during training (COMAL's prox centre), for ``eval/kl_to_current_ref``; or None."""
+        """A reference that moves during training (COMAL's prox centre, a lagged SAC reference), for
+        ``eval/kl_to_current_ref``; or None."""
         return None
 
     # ---- acting ---------------------------------------------------------------------------------
@@ -116,11 +132,8 @@ class Agent:
         return self.obs_rms.normalize(raw_obs) if self.config.normalize_obs else raw_obs.astype(np.float32)
 
     def actor(self, policy: torch.nn.Module | None = None) -> "NumpyActor":
-        """A NumPy snapshot for acting (see ``nets.numpy_forward``): the current policy and critics, or
-        ``policy`` alone (e.g. pi_ref, seen through this agent's normalizer)."""
-        if policy is not None:
-            return NumpyActor(policy)
-        return NumpyActor(self.policy, self.value, self.cost_value)
+        """A NumPy snapshot of ``policy`` (default: the agent's own) for acting (see ``nets.numpy_forward``)."""
+        return NumpyActor(self.policy if policy is None else policy)
 
     def act(self, raw_obs: np.ndarray, deterministic: bool = False, actor: "NumpyActor | None" = None,
             rng: np.random.Generator | None = None) -> np.ndarray:
@@ -130,6 +143,69 @@ class Agent:
         obs = self.normalize(raw_obs)
         action = actor.mean(obs) if deterministic else actor.sample(obs, rng if rng is not None else self.act_rng)[0]
         return np.clip(action, self.act_low, self.act_high)
+
+    # ---- one iteration of the training loop ---------------------------------------------------------
+    def collect(self, env: VecEnv, raw_obs: np.ndarray, tracker: "EpisodeTracker") -> np.ndarray:
+        """Step ``env`` from ``raw_obs`` for one iteration (recording finished episodes in ``tracker``);
+        returns the next raw observations."""
+        raise NotImplementedError
+
+    def update(self, episodes: list[tuple[float, float, int]]) -> dict[str, float]:
+        """Finish the iteration; ``episodes`` are the ``(return, cost, length)`` of the episodes that ended
+        in it. Returns scalars to log (``train/``, ``pref/``, ``safety/``...)."""
+        raise NotImplementedError
+
+    def iteration_features(self) -> np.ndarray:
+        """The per-step features ``[..., 3]`` (x-velocity, height, ||a||^2) of the last iteration's steps."""
+        raise NotImplementedError
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def modules(self) -> dict:
+        """Everything with a ``state_dict`` that a checkpoint holds."""
+        return {"policy": self.policy, "obs_rms": self.obs_rms}
+
+    def state_dict(self) -> dict:
+        state = {k: m.state_dict() for k, m in self.modules().items()}
+        state.update(env_steps=self.env_steps, updates=self.updates, rng=self.rng.bit_generator.state,
+                     act_rng=self.act_rng.bit_generator.state)
+        if self.oracle is not None:
+            state["oracle"] = self.oracle.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, m in self.modules().items():
+            m.load_state_dict(state[k])
+        self.env_steps, self.updates = int(state["env_steps"]), int(state["updates"])
+        self.rng.bit_generator.state = state["rng"]
+        self.act_rng.bit_generator.state = state["act_rng"]
+        if self.oracle is not None and "oracle" in state:
+            self.oracle.load_state_dict(state["oracle"])
+
+
+class OnPolicyAgent(Agent):
+    """The on-policy side: Gaussian policy + value nets, the shared rollout buffer filled by ``collect``
+    (``n_steps`` per env), the Lagrangian layer, one Adam optimizer. Subclasses write ``update``."""
+
+    config_cls = OnPolicyConfig
+    config: OnPolicyConfig
+
+    def __init__(self, config: OnPolicyConfig, env: VecEnv, seed: int, device: str = "cpu", oracle=None, total_steps: int = 1) -> None:
+        super().__init__(config, env, seed, device, oracle, total_steps)
+        c, obs_dim, act_dim = config, self.obs_dim, self.act_dim
+        self.policy = GaussianPolicy(obs_dim, act_dim, c.hidden, c.activation, c.log_std_init, c.ortho_init).to(self.device)
+        self.value = ValueNet(obs_dim, c.hidden, c.activation, c.ortho_init).to(self.device)
+        self.cost_value: ValueNet | None = None  # built by the Lagrangian layer when constrained
+        self.buffer = RolloutBuffer(c.n_steps, env.n_envs, obs_dim, act_dim)
+        self.optimizer = torch.optim.Adam(list(self.policy.parameters()) + list(self.value.parameters()), lr=c.lr, eps=1e-5, **adam_kwargs(self.device))
+        self.lagrangian = (Lagrangian(c.constraint, self, limit=env.config.cost.limit, horizon=episode_horizon(env.config))  # d = env.cost.limit
+                           if c.constraint.method != "none" else None)
+
+    def actor(self, policy: torch.nn.Module | None = None) -> "NumpyActor":
+        """A NumPy snapshot for acting: the current policy and critics, or ``policy`` alone (e.g. pi_ref,
+        seen through this agent's normalizer)."""
+        if policy is not None:
+            return NumpyActor(policy)
+        return NumpyActor(self.policy, self.value, self.cost_value)
 
     # ---- rollout ----------------------------------------------------------------------------------
     def collect(self, env: VecEnv, raw_obs: np.ndarray, tracker: "EpisodeTracker") -> np.ndarray:
@@ -158,6 +234,9 @@ class Agent:
         self.env_steps += buf.T * buf.N
         return raw_obs
 
+    def iteration_features(self) -> np.ndarray:
+        return self.buffer.features
+
     def action_noise(self):
         """Where the rollout's action noise comes from (``standard_normal``): the agent's own stream."""
         return self.act_rng
@@ -166,11 +245,6 @@ class Agent:
         """A hook at the top of rollout step ``t``: the raw observations to act on (no change by default;
         the preference agents branch envs from a shared state here, ``shared_start``)."""
         return raw_obs
-
-    def update(self, episodes: list[tuple[float, float, int]]) -> dict[str, float]:
-        """One learning step on ``self.buffer``; ``episodes`` are the ``(return, cost, length)`` of the
-        episodes that ended in this rollout. Returns scalars to log (``train/``, ``pref/``, ``safety/``...)."""
-        raise NotImplementedError
 
     # ---- optimizer helpers -------------------------------------------------------------------------
     def set_lr(self) -> float:
@@ -197,8 +271,7 @@ class Agent:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def modules(self) -> dict:
-        """Everything with a ``state_dict`` that a checkpoint holds."""
-        mods = {"policy": self.policy, "value": self.value, "obs_rms": self.obs_rms}
+        mods = {**super().modules(), "value": self.value}
         if self.cost_value is not None:
             mods["cost_value"] = self.cost_value
         if self.lagrangian is not None:
@@ -206,24 +279,11 @@ class Agent:
         return mods
 
     def state_dict(self) -> dict:
-        state = {k: m.state_dict() for k, m in self.modules().items()}
-        state.update(
-            optimizer=self.optimizer.state_dict(), env_steps=self.env_steps, updates=self.updates,
-            rng=self.rng.bit_generator.state, act_rng=self.act_rng.bit_generator.state,
-        )
-        if self.oracle is not None:
-            state["oracle"] = self.oracle.state_dict()
-        return state
+        return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        for k, m in self.modules().items():
-            m.load_state_dict(state[k])
+        super().load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.env_steps, self.updates = int(state["env_steps"]), int(state["updates"])
-        self.rng.bit_generator.state = state["rng"]
-        self.act_rng.bit_generator.state = state["act_rng"]
-        if self.oracle is not None and "oracle" in state:
-            self.oracle.load_state_dict(state["oracle"])
 
 
 def adam_kwargs(device: torch.device) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from rl_align.agents import register
-from rl_align.agents.base import Agent, AgentConfig
+from rl_align.agents.base import OnPolicyAgent, OnPolicyConfig
 from rl_align.diagnostics import halves_cosine
 from rl_align.errors import UserError
 from rl_align.losses import clipped_surrogate
@@ -20,7 +20,7 @@ from rl_align.nets import RunningMeanStd
 
 
 @dataclass
-class PPOConfig(AgentConfig):
+class PPOConfig(OnPolicyConfig):
     vf_coef: float = 0.5
     ent_coef: float = 0.0
     normalize_advantage: bool = True
@@ -82,7 +82,7 @@ class EnvReward:
 
 
 @register("ppo")
-class PPO(Agent):
+class PPO(OnPolicyAgent):
     """PPO on the reward its ``reward`` component gives (the true reward; a learned one for ``rlhf``)."""
 
     config_cls = PPOConfig

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from rl_align.agents import register
-from rl_align.agents.base import Agent, AgentConfig
+from rl_align.agents.base import OnPolicyAgent, OnPolicyConfig
 from rl_align.agents.preferences import label_pairs, pair_accuracy, segment_logp
 from rl_align.diagnostics import DiagnosticsConfig, PLDiagnostics, flat_grad, halves_cosine
 from rl_align.errors import UserError
@@ -47,7 +47,7 @@ from rl_align.nets import gaussian_kl, policy_kl
 
 
 @dataclass
-class SAILConfig(AgentConfig):
+class SAILConfig(OnPolicyConfig):
     n_envs: int = 8
     n_steps: int = 250
     epochs: int = 10
@@ -323,7 +323,7 @@ class SAILLoss:
 
 
 @register("sail")
-class SAIL(Agent):
+class SAIL(OnPolicyAgent):
     config_cls = SAILConfig
     config: SAILConfig
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import warnings
+
 import gymnasium as gym
 import numpy as np
 
-from rl_align.envs.backend import choose_gl, quiet_deprecations
-from rl_align.envs.costs import FEATURE_NAMES, CostConfig, CostWrapper, require_cost
+from rl_align.envs.backend import choose_gl, quiet_absl_deprecations, quiet_deprecations
+from rl_align.envs.costs import FEATURE_NAMES, CostConfig, CostWrapper, mj_model_data, require_cost
 from rl_align.envs.oracles import Oracle, OracleConfig
 from rl_align.errors import UserError
 
@@ -36,7 +38,17 @@ class EnvConfig:
 
 
 def check_task(task: str) -> None:
-    """Fail with a one-line hint unless ``task`` is a registered Gymnasium id."""
+    """Fail with a one-line hint unless ``task`` is a registered Gymnasium id. DeepMind Control ids
+    (``dm_control/cheetah-run-v0``) are registered by Shimmy, imported here on first use."""
+    if task.startswith("dm_control/") and task not in gym.registry:
+        try:
+            with warnings.catch_warnings():  # dm_control probes GLFW at import and warns on a headless machine
+                warnings.simplefilter("ignore")
+                import shimmy
+            quiet_absl_deprecations()
+        except ImportError:
+            raise UserError(f"task {task} needs dm_control and Shimmy: pip install 'dm-control>=1.0.20' 'shimmy[dm-control]>=2.0'") from None
+        gym.register_envs(shimmy)
     if task not in gym.registry:
         mujoco = sorted(k for k, v in gym.registry.items() if "mujoco" in str(v.entry_point) and k.endswith("-v5"))
         raise UserError(f"unknown task {task!r}; use an env preset (rl-align list) or a Gymnasium id such as {', '.join(mujoco[:6])}")
@@ -53,7 +65,10 @@ def make_env(config: EnvConfig | str, seed: int | None = None, render_mode: str 
     kwargs = {"render_mode": render_mode} if render_mode else {}
     if config.max_episode_steps is not None:
         kwargs["max_episode_steps"] = config.max_episode_steps
-    env = CostWrapper(gym.make(config.task, **kwargs), config.cost)
+    env = gym.make(config.task, **kwargs)
+    if isinstance(env.observation_space, gym.spaces.Dict):  # DeepMind Control: a dict of arrays, flattened
+        env = gym.wrappers.FlattenObservation(env)
+    env = CostWrapper(env, config.cost)
     if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
         raise UserError(f"task {config.task!r} needs Box observation and action spaces (continuous control)")
     if seed is not None:
@@ -143,13 +158,14 @@ class VecEnv:
 
     def get_state(self) -> list[dict] | None:
         """Everything that decides the envs' future, per env: the MuJoCo integration state (qpos, qvel,
-        act, warm start, time, ...), the time-limit counter and the reset noise generator; with the
-        current observations and a matching ``set_state`` it makes a resumed run step exactly as an
-        uninterrupted one. None for ``vectorization: async`` (the envs live in subprocesses)."""
+        act, warm start, time, ...), the time-limit counter and the reset noise generator (DeepMind
+        Control: its step counter and its task's random state); with the current observations and a
+        matching ``set_state`` it makes a resumed run step exactly as an uninterrupted one. None for
+        ``vectorization: async`` (the envs live in subprocesses)."""
         if self.async_env is not None:
             return None
-        return [{"mj_state": _sim_state(env).tolist(), "elapsed_steps": _find_attr(env, "_elapsed_steps"),
-                 "np_random": env.unwrapped.np_random.bit_generator.state} for env in self.envs]
+        return [{"mj_state": _sim_state(env).tolist(), "elapsed_steps": _find_attr(env, "_elapsed_steps"), **_random_state(env)}
+                for env in self.envs]
 
     def set_state(self, states: list[dict]) -> None:
         """Restore :meth:`get_state` (call after ``reset``, which the wrappers require once)."""
@@ -158,7 +174,7 @@ class VecEnv:
                             f"{self.config.vectorization} envs")
         for env, st in zip(self.envs, states):
             _put_sim_state(env, np.asarray(st["mj_state"], dtype=np.float64), st["elapsed_steps"])
-            env.unwrapped.np_random.bit_generator.state = st["np_random"]
+            _set_random_state(env, st)
 
     def copy_state(self, src: int, dst: list[int]) -> np.ndarray:
         """Put envs ``dst`` in env ``src``'s exact state (MuJoCo integration state and time-limit counter;
@@ -182,9 +198,10 @@ def _sim_state(env: gym.Env) -> np.ndarray:
     """The MuJoCo integration state of ``env`` (qpos, qvel, act, warm start, time, ...)."""
     import mujoco
 
-    base, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
-    state = np.empty(mujoco.mj_stateSize(base.model, spec))
-    mujoco.mj_getState(base.model, base.data, state, spec)
+    model, data = mj_model_data(env)
+    spec = mujoco.mjtState.mjSTATE_INTEGRATION
+    state = np.empty(mujoco.mj_stateSize(model, spec))
+    mujoco.mj_getState(model, data, state, spec)
     return state
 
 
@@ -192,10 +209,31 @@ def _put_sim_state(env: gym.Env, state: np.ndarray, elapsed_steps: int | None) -
     """Set ``env``'s MuJoCo integration state (derived quantities recomputed) and its time-limit counter."""
     import mujoco
 
-    base = env.unwrapped
-    mujoco.mj_setState(base.model, base.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
-    mujoco.mj_forward(base.model, base.data)
+    model, data = mj_model_data(env)
+    mujoco.mj_setState(model, data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+    mujoco.mj_forward(model, data)
     _set_attr(env, "_elapsed_steps", elapsed_steps)
+
+
+def _random_state(env: gym.Env) -> dict:
+    """The reset noise generator's state; for DeepMind Control also its step counter (its own time limit)."""
+    base = env.unwrapped
+    dm = getattr(base, "_env", None)
+    if dm is None:
+        return {"np_random": base.np_random.bit_generator.state}
+    name, keys, pos, has_gauss, cached = base.np_random.get_state()
+    return {"dm_random": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "dm_steps": [int(dm._step_count), bool(dm._reset_next_step)]}
+
+
+def _set_random_state(env: gym.Env, st: dict) -> None:
+    base = env.unwrapped
+    if "dm_random" not in st:
+        base.np_random.bit_generator.state = st["np_random"]
+        return
+    name, keys, pos, has_gauss, cached = st["dm_random"]
+    base.np_random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    base._env._step_count, base._env._reset_next_step = st["dm_steps"]
 
 
 def _find_attr(env: gym.Env, name: str):

@@ -104,3 +104,26 @@ def quiet_deprecations() -> None:
 
     if mujoco.get_mju_user_warning() is None:
         mujoco.set_mju_user_warning(_print_warning)
+
+
+class _OncePerText:
+    """A ``logging`` filter that lets each deprecation text through once per process."""
+
+    def filter(self, record) -> bool:
+        text = record.getMessage()
+        if "deprecated" not in text:
+            return True
+        if text in _seen_deprecations:
+            return False
+        _seen_deprecations.add(text)
+        return True
+
+
+def quiet_absl_deprecations() -> None:
+    """dm_control reports MuJoCo's compiler deprecations through absl's logger, once per model compiled
+    (once per env made): show each text once per process, as :func:`quiet_deprecations` does."""
+    import logging
+
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OncePerText) for f in logger.filters):
+        logger.addFilter(_OncePerText())

@@ -90,6 +90,19 @@ class CostConfig:
             raise UserError(f"env.cost.limit must be >= 0, got {self.limit}")
 
 
+def dm_physics(env: gym.Env):
+    """The dm_control ``Physics`` behind a Shimmy-wrapped DeepMind Control env, or None."""
+    return getattr(getattr(env.unwrapped, "_env", None), "physics", None)
+
+
+def mj_model_data(env: gym.Env):
+    """``(MjModel, MjData)`` of a Gymnasium MuJoCo env or of a DeepMind Control env through Shimmy."""
+    physics = dm_physics(env)
+    if physics is not None:
+        return physics.model.ptr, physics.data.ptr
+    return env.unwrapped.model, env.unwrapped.data
+
+
 class CostWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Adds ``info["cost"]`` (float) and ``info["features"]`` (``[3]``: x-velocity, torso height,
     ``||a||^2``) to every step of a Gymnasium MuJoCo env."""
@@ -107,19 +120,21 @@ class CostWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self.user_cost = None
         if config.kind not in ("velocity", "energy", "none"):
             self.user_cost = load_dotted(config.kind, "cost function")
-        data = self.env.unwrapped.data
-        self._has_torso = "torso" in [self.env.unwrapped.model.body(i).name for i in range(self.env.unwrapped.model.nbody)]
-        self._data = data
+        model, self._data = mj_model_data(self.env)
+        self._has_torso = "torso" in [model.body(i).name for i in range(model.nbody)]
+        # DeepMind Control has no x_velocity in info: the torso's forward speed, read from the physics
+        self._dm = dm_physics(self.env) is not None
+        self._x = (lambda: float(self._data.body("torso").xpos[0])) if self._dm and self._has_torso else (lambda: float(self._data.qpos[0]))
 
     def _velocity(self, info: dict, x_before: float) -> float:
         if self.family in PLANAR_SPEED_TASKS and "y_velocity" in info:
             return float(np.hypot(info["x_velocity"], info["y_velocity"]))
         if "x_velocity" in info:
             return float(info["x_velocity"])
-        return float((self._data.qpos[0] - x_before) / self.env.unwrapped.dt)
+        return float((self._x() - x_before) / self.env.unwrapped.dt)
 
     def step(self, action):
-        x_before = float(self._data.qpos[0])
+        x_before = self._x()
         obs, reward, terminated, truncated, info = self.env.step(action)
         speed = self._velocity(info, x_before)
         x_velocity = float(info["x_velocity"]) if "x_velocity" in info else speed

@@ -1,0 +1,146 @@
+"""The PEBBLE reward pipeline (Lee et al. 2021; B-Pref): what turns a few hundred preference labels into
+the reward SAC learns from. See docs/design.md, "Off-policy preference learning".
+
+- :class:`RewardEnsemble`: ``K`` MLPs ``r_psi_k(s, a)`` (tanh output, as in B-Pref), each fitted with the
+  Bradley-Terry loss on segment sums ``R_k(s) = sum_t r_psi_k(s_t, a_t)`` over every label so far (each
+  member its own shuffle of them); the reward is the ensemble mean.
+- :func:`select_queries`: from a pool of candidate pairs drawn from the replay buffer, the
+  ``uniform`` ones, or those of largest ``disagreement`` (std over members of ``P_k(s1 > s2)``) or largest
+  ``entropy`` of the mean ``P``.
+- :func:`state_entropy`: PEBBLE's intrinsic reward for unsupervised pre-training, the distance from a
+  state to its k-th nearest neighbour among stored states (a particle estimate of state entropy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rl_align.agents.preferences import pair_accuracy
+from rl_align.buffer import Segments
+from rl_align.nets import Ensemble, RunningMeanStd
+
+
+class RewardEnsemble(torch.nn.Module):
+    """``r_hat(s, a) = (1/K) sum_k r_psi_k(s, a)``, each member in ``[-1, 1]``, and the labelled pairs it fits."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], members: int, lr: float) -> None:
+        super().__init__()
+        self.net = Ensemble(members, obs_dim + act_dim, 1, hidden, "relu", out_activation="tanh")
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.pairs: dict[str, torch.Tensor] = {}  # obs1, act1, obs2, act2 [P, H, .] and label [P]
+
+    def members(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Per-member reward ``[K, ...]`` for ``obs [..., obs_dim]``, ``act [..., act_dim]``."""
+        x = torch.cat([obs, act], -1)
+        return self.net(x.reshape(-1, x.shape[-1])).reshape((self.net.members,) + x.shape[:-1])
+
+    @torch.no_grad()
+    def predict(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        """The ensemble-mean reward ``[B]`` of NumPy ``obs [B, obs_dim]``, ``act [B, act_dim]``."""
+        return self.members(torch.as_tensor(obs), torch.as_tensor(act)).mean(0).numpy()
+
+    @torch.no_grad()
+    def pair_probs(self, s1: Segments, s2: Segments) -> torch.Tensor:
+        """``P_k(s1 > s2) = sigmoid(R_k(s1) - R_k(s2))`` per member, ``[K, M]``."""
+        R1 = self.members(torch.as_tensor(s1.obs), torch.as_tensor(s1.actions)).sum(-1)
+        R2 = self.members(torch.as_tensor(s2.obs), torch.as_tensor(s2.actions)).sum(-1)
+        return torch.sigmoid(R1 - R2)
+
+    def add(self, s1: Segments, s2: Segments, labels: np.ndarray) -> None:
+        """Keep labelled pairs (skipped ones, ``nan``, carry nothing; ties stay as targets of 1/2)."""
+        keep = np.isfinite(labels)
+        new = {"obs1": s1.obs[keep], "act1": s1.actions[keep], "obs2": s2.obs[keep], "act2": s2.actions[keep],
+               "label": labels[keep].astype(np.float32)}
+        for k, v in new.items():
+            v = torch.as_tensor(v)
+            self.pairs[k] = torch.cat([self.pairs[k], v]) if k in self.pairs else v
+
+    def n_labels(self) -> int:
+        return len(self.pairs["label"]) if self.pairs else 0
+
+    @torch.no_grad()
+    def accuracy(self, s1: Segments, s2: Segments, labels: np.ndarray) -> float:
+        """Share of decided labels whose preferred segment the ensemble-mean return ranks higher."""
+        keep = np.isfinite(labels)
+        if not keep.any():
+            return float("nan")
+        R = lambda s: self.members(torch.as_tensor(s.obs[keep]), torch.as_tensor(s.actions[keep])).mean(0).sum(-1)  # noqa: E731
+        return pair_accuracy(R(s1), R(s2), torch.as_tensor(labels[keep], dtype=torch.float32))
+
+    def fit(self, max_epochs: int, batch: int, stop_accuracy: float, rng: np.random.Generator) -> dict[str, float]:
+        """Bradley-Terry cross-entropy on every stored pair, ``-[y log P_k + (1 - y) log(1 - P_k)]`` summed over
+        members, each member on its own shuffle; epochs until the train accuracy reaches ``stop_accuracy``
+        (B-Pref's rule) or ``max_epochs``. Returns the last epoch's loss and accuracy and the epochs run."""
+        p, K = self.pairs, self.net.members
+        n = self.n_labels()
+        loss_sum, correct, epochs = 0.0, 0.0, 0
+        for epochs in range(1, max_epochs + 1):
+            perms = np.stack([rng.permutation(n) for _ in range(K)])  # [K, n]
+            loss_sum, correct = 0.0, 0.0
+            for s in range(0, n, batch):
+                idx = torch.as_tensor(perms[:, s : s + batch])  # [K, b]
+                R1 = self._member_returns(p["obs1"][idx], p["act1"][idx])  # [K, b]
+                R2 = self._member_returns(p["obs2"][idx], p["act2"][idx])
+                y = p["label"][idx]
+                loss = F.binary_cross_entropy_with_logits(R1 - R2, y, reduction="none").mean(-1).sum()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                loss_sum += float(loss.detach()) * idx.shape[1] / K
+                correct += float((((R1 - R2) > 0).float() == (y > 0.5).float()).float().sum()) / K
+            if correct / n >= stop_accuracy:
+                break
+        return {"pebble/rm_loss": loss_sum / n, "pref/train_accuracy": correct / n, "pebble/rm_epochs": float(epochs)}
+
+    def _member_returns(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """``R_k`` of member k on its own segments: ``obs [K, b, H, obs_dim]`` -> ``[K, b]``."""
+        K, b, H = obs.shape[:3]
+        x = torch.cat([obs, act], -1).reshape(K, b * H, -1)
+        return self.net(x).reshape(K, b, H).sum(-1)
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "pairs": dict(self.pairs)}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.pairs = dict(state["pairs"])
+
+
+def select_queries(model: RewardEnsemble, s1: Segments, s2: Segments, n: int, how: str, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the ``n`` candidate pairs to ask about: ``uniform`` (a random ``n``), ``disagreement``
+    (largest std over members of ``P_k(s1 > s2)``) or ``entropy`` (largest entropy of the mean ``P``)."""
+    if how == "uniform" or len(s1) <= n:
+        return rng.permutation(len(s1))[:n]
+    P = model.pair_probs(s1, s2)  # [K, M]
+    if how == "disagreement":
+        score = P.std(0)
+    else:
+        p = P.mean(0).clamp(1e-6, 1 - 1e-6)
+        score = -(p * p.log() + (1 - p) * (1 - p).log())
+    return torch.argsort(score, descending=True)[:n].numpy()
+
+
+class StateEntropy:
+    """PEBBLE's intrinsic reward ``r_int(s) = ||s - s^(k)||`` (the k-th nearest neighbour among stored
+    states), divided by the running std of its estimates."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.rms = k, RunningMeanStd(())
+
+    @torch.no_grad()
+    def __call__(self, obs: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """``[B]`` for ``obs [B, d]`` against ``stored [S, d]`` (``obs`` drawn from ``stored``: its own zero
+        distance is the nearest, hence the k+1-th smallest)."""
+        dist = torch.cdist(obs, stored)
+        r = dist.kthvalue(min(self.k + 1, dist.shape[1]), dim=1).values
+        self.rms.update(r.numpy())
+        return r / float(np.sqrt(self.rms.var + 1e-8))
+
+    def state_dict(self) -> dict:
+        return self.rms.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rms.load_state_dict(state)
