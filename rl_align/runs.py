@@ -46,7 +46,7 @@ def _env_data(name: str) -> tuple[str, dict]:
     found = load_preset("envs", name)
     if found is not None:
         return found
-    if "-v" in name and "/" not in name:
+    if "-v" in name and ("/" not in name or name.startswith("dm_control/")):
         check_task(name)
         return name, {"task": name, "description": f"{name} with the default cost and oracle"}
     raise UserError(f"unknown env {name!r}; use a preset ({', '.join(list_presets('envs'))}) or a Gymnasium id such as HalfCheetah-v5")

@@ -108,12 +108,12 @@ class Interrupted(Exception):
         super().__init__(f"{name} at env step {step:,}: checkpoint written; continue with: rl-align train --resume {folder}")
 
 
-def _loop_checkpoint(folder: Path, agent: Agent, env, obs: np.ndarray, tracker: EpisodeTracker, loop: dict) -> None:
+def _loop_checkpoint(folder: Path, agent: Agent, env_state: list | None, obs: np.ndarray, tracker: EpisodeTracker, loop: dict) -> None:
     """The agent's own ``state_dict`` plus everything the loop needs to continue exactly: env state and
     observations, torch RNG, episode tracker, eval/checkpoint counters. Written only at iteration boundaries."""
     state = agent.state_dict()
     state["loop"] = {
-        **loop, "env": env.get_state(), "obs": torch.as_tensor(obs), "torch_rng": torch.get_rng_state(),
+        **loop, "env": env_state, "obs": torch.as_tensor(obs), "torch_rng": torch.get_rng_state(),
         "tracker": {"ret": torch.as_tensor(tracker.ret), "cost": torch.as_tensor(tracker.cost), "len": torch.as_tensor(tracker.len)},
     }
     save_checkpoint(folder / "checkpoints" / "last.pt", state)
@@ -190,9 +190,11 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
         torch.set_rng_state(saved["loop"]["torch_rng"])
     wall_before = loop["wall_time_s"]
 
+    closed_state: list = []  # the envs' state when they were closed (a DeepMind Control env frees its physics)
+
     def checkpoint() -> None:
         loop.update(history=list(history), wall_time_s=wall_before + time.perf_counter() - t_start)
-        _loop_checkpoint(folder, agent, env, obs, tracker, loop)
+        _loop_checkpoint(folder, agent, closed_state[0] if closed_state else env.get_state(), obs, tracker, loop)
 
     notes: list[str] = []
     try:
@@ -242,6 +244,7 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
             )
     finally:
         progress.close()
+        closed_state.append(env.get_state())
         env.close()
     final = eval_metrics(agent, cfg)
     logger.record_dict(final)

@@ -44,7 +44,8 @@ class SACConfig(AgentConfig):
 
     hidden: list[int] = field(default_factory=lambda: [256, 256])
     activation: str = "relu"
-    lr: float = 3e-4  # actor, critics and temperature
+    lr: float = 3e-4  # actor and critics
+    alpha_lr: float | None = None  # the temperature's step size; None: lr
     normalize_obs: bool = False
     batch: int = 256
     buffer_size: int = 1_000_000  # capped at the run's steps
@@ -92,8 +93,10 @@ class SACConfig(AgentConfig):
                 raise UserError(f"agent.{k} must be >= 0, got {getattr(self, k)}")
         if not 0 < self.tau <= 1:
             raise UserError(f"agent.tau must be in (0, 1], got {self.tau}")
-        if self.updates_per_step <= 0 or self.init_temperature <= 0 or self.rm_lr <= 0 or self.revkl_coef < 0:
-            raise UserError("agent.updates_per_step, agent.init_temperature and agent.rm_lr must be > 0 and agent.revkl_coef >= 0")
+        if self.updates_per_step <= 0 or self.init_temperature <= 0 or self.rm_lr <= 0 or (self.alpha_lr is not None and self.alpha_lr <= 0):
+            raise UserError("agent.updates_per_step, agent.init_temperature, agent.rm_lr and agent.alpha_lr must be > 0")
+        if self.revkl_coef < 0:
+            raise UserError(f"agent.revkl_coef must be >= 0, got {self.revkl_coef}")
         if self.reward not in ("true", "preferences"):
             raise UserError(f"agent.reward must be true or preferences, got {self.reward!r}")
         if self.query not in QUERIES:
@@ -153,7 +156,7 @@ class SAC(Agent):
         kw = adam_kwargs(self.device)
         self.actor_opt = torch.optim.Adam(self.policy.parameters(), lr=c.lr, **kw)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr, **kw)
-        self.alpha_opt = torch.optim.Adam(self.temperature.parameters(), lr=c.lr, **kw)
+        self.alpha_opt = torch.optim.Adam(self.temperature.parameters(), lr=c.alpha_lr or c.lr, **kw)
         self.target_entropy = -float(act_dim) if c.target_entropy is None else c.target_entropy
         self.replay = ReplayBuffer(min(c.buffer_size, max(total_steps, c.batch)), env.n_envs, obs_dim, act_dim)
         self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False) if c.revkl_coef > 0 else None

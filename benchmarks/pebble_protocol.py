@@ -1,0 +1,154 @@
+"""The off-policy preference protocol: SAC on the true reward, PEBBLE and SAIL-RevKL off-policy on DeepMind
+Control tasks, several seeds, run as a resumable queue; then the rliable comparison.
+
+    python benchmarks/pebble_protocol.py run --root /work/bench/protocol --workers 2
+    python benchmarks/pebble_protocol.py report --root /work/bench/protocol
+
+``run`` works through the jobs seed by seed (every method of seed 0 first, then seed 1, ...), one
+``rl-align train`` process per worker, each into ``<root>/<env>/<agent>/s<seed>/``: a finished run is
+skipped, an interrupted one continues with ``--resume`` (so a stopped queue picks up where it was).
+``report`` prints, per task, each method's final stochastic and deterministic return (IQM with 95%
+stratified-bootstrap interval, mean ± std), its share of the true-reward ceiling, the labels it used,
+the probability of improvement of SAIL-RevKL over PEBBLE, and draws return against env steps and
+against labels (``<root>/protocol.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rl_align.stats import fmt, prob_improvement, prob_improvement_ci, summarize  # noqa: E402
+
+TASKS = ("cheetah-run-pref", "walker-walk-pref")
+METHODS = ("sac-small", "pebble", "pebble-revkl")
+CEILING = "sac-small"
+
+
+def job_folder(root: Path, env: str, agent: str, seed: int, tag: str = "") -> Path:
+    return root / env / (agent + tag) / f"s{seed}"
+
+
+def run_job(root: Path, env: str, agent: str, seed: int, steps: int | None, sets: list[str], tag: str) -> str:
+    out = job_folder(root, env, agent, seed, tag)
+    existing = sorted(out.glob("*/*/*/config.yaml"))
+    if existing and (existing[-1].parent / "summary.json").exists():
+        return f"done   {env} {agent}{tag} s{seed}"
+    if existing:
+        cmd = ["train", "--resume", str(existing[-1].parent)]
+    else:
+        cmd = ["train", "--env", env, "--agent", agent, "--seed", str(seed), "--set", f"run.out_dir={out}", "--set", "run.progress=false"]
+        cmd += ["--steps", str(steps)] if steps else []
+        for s in sets:
+            cmd += ["--set", s]
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with (out / "log.txt").open("a") as log:
+        r = subprocess.run([sys.executable, "-m", "rl_align.cli", *cmd], stdout=log, stderr=subprocess.STDOUT)
+    return f"{'ok' if r.returncode == 0 else f'rc={r.returncode}':6} {env} {agent}{tag} s{seed} ({time.time() - t0:.0f} s)"
+
+
+def cmd_run(args) -> None:
+    jobs = [(env, agent, seed) for seed in args.seeds for env in args.tasks for agent in args.methods]
+    with ThreadPoolExecutor(args.workers) as pool:
+        for line in pool.map(lambda j: run_job(args.root, *j, args.steps, args.set, args.tag), jobs):
+            print(line, flush=True)
+
+
+def load(root: Path, env: str, agent: str) -> list[dict]:
+    """Per finished seed: final returns, labels, and the evaluation curve (step, stochastic return)."""
+    out = []
+    for summary_path in sorted((root / env / agent).glob("s*/*/*/*/summary.json")):
+        s = json.loads(summary_path.read_text())
+        curve = []
+        import csv
+
+        with (summary_path.parent / "progress.csv").open() as f:
+            for row in csv.DictReader(f):
+                if row.get("eval/return_stoch"):
+                    curve.append((float(row["step"]), float(row["eval/return_stoch"]), float(row.get("train/queries_used") or 0)))
+        out.append({"seed": s["seed"], "stoch": s["final"]["eval/return_stoch"], "det": s["final"]["eval/return_det"],
+                    "labels": s["queries_used"], "steps": s["env_steps"], "curve": curve, "wall": s["wall_time_s"]})
+    return out
+
+
+def cmd_report(args) -> None:
+    lines = []
+    for env in args.tasks:
+        results = {m: load(args.root, env, m) for m in args.methods}
+        ceiling = {r["seed"]: r["stoch"] for r in results.get(CEILING, [])}
+        lines.append(f"\n{env}")
+        for m, rs in results.items():
+            if not rs:
+                continue
+            st, de = summarize([r["stoch"] for r in rs]), summarize([r["det"] for r in rs])
+            share = [r["stoch"] / ceiling[r["seed"]] for r in rs if r["seed"] in ceiling]
+            lines.append(f"  {m:<16} stoch {fmt(st)} | det {fmt(de)} | of ceiling {fmt(summarize(share), 2)} | "
+                         f"labels {max(r['labels'] for r in rs)} | steps {rs[0]['steps']:,} | {np.mean([r['wall'] for r in rs]) / 60:.0f} min/run")
+        for a, b in args.pairs:
+            x, y = [r["stoch"] for r in results.get(a, [])], [r["stoch"] for r in results.get(b, [])]
+            if len(x) >= 2 and len(y) >= 2:
+                lo, hi = prob_improvement_ci(x, y)
+                lines.append(f"  P({a} > {b}) = {prob_improvement(x, y):.2f} [{lo:.2f}, {hi:.2f}] (n={len(x)}, {len(y)})")
+    print("\n".join(lines))
+    plot(args)
+
+
+def plot(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(args.tasks), figsize=(5 * len(args.tasks), 7), squeeze=False)
+    for k, env in enumerate(args.tasks):
+        for m in args.methods:
+            rs = load(args.root, env, m)
+            if not rs:
+                continue
+            n = min(len(r["curve"]) for r in rs)
+            steps = np.array([c[0] for c in rs[0]["curve"][:n]])
+            ret = np.array([[c[1] for c in r["curve"][:n]] for r in rs])
+            labels = np.array([[c[2] for c in r["curve"][:n]] for r in rs]).max(0)
+            for ax, x in ((axes[0, k], steps), (axes[1, k], labels)):
+                ax.plot(x, ret.mean(0), label=f"{m} (n={len(rs)})")
+                ax.fill_between(x, ret.min(0), ret.max(0), alpha=0.15)
+        axes[0, k].set(title=env, xlabel="env steps", ylabel="stochastic return (mean, min-max)")
+        axes[1, k].set(xlabel="labels used", ylabel="stochastic return")
+        axes[0, k].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.root / "protocol.png", dpi=110)
+    print(f"figure: {args.root / 'protocol.png'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "report"):
+        q = sub.add_parser(name)
+        q.add_argument("--root", type=Path, required=True, help="where the runs go (outside the checkout for long queues)")
+        q.add_argument("--tasks", nargs="+", default=list(TASKS))
+        q.add_argument("--methods", nargs="+", default=list(METHODS))
+        q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    run = sub.choices["run"]
+    run.add_argument("--workers", type=int, default=2)
+    run.add_argument("--steps", type=int, default=None, help="env steps per run (default: the preset's)")
+    run.add_argument("--set", action="append", default=[], help="override for every run (as for rl-align train)")
+    run.add_argument("--tag", default="", help="suffix of the method folder for runs with --set overrides")
+    sub.choices["report"].add_argument("--pairs", nargs=2, action="append", default=[["pebble-revkl", "pebble"]], metavar=("A", "B"))
+    args = p.parse_args()
+    {"run": cmd_run, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
