@@ -3,7 +3,7 @@ PEBBLE (a learned reward from a few hundred labels) and SAIL-RevKL in the form i
 (a KL term in the actor loss). See docs/design.md, "Off-policy preference learning".
 
 Per gradient step, on a batch ``(s, a, r, s', d)`` from the replay buffer (``r``: the true reward for
-``reward: true``, else the learned one; during PEBBLE's unsupervised phase the state-entropy reward):
+``reward: env``, else the learned one; during PEBBLE's unsupervised phase the state-entropy reward):
 
     critic   L_Q = sum_i E[(Q_i(s, a) - y)^2],  y = r + gamma (1 - d) (min_i Qbar_i(s', a') - alpha log pi(a'|s')),  a' ~ pi(.|s')
     actor    L_pi = E[alpha log pi(a|s) - min_i Q_i(s, a) + revkl_coef * KL(pi(.|s) || pi_ref(.|s))],  a ~ pi (reparameterized)
@@ -58,7 +58,7 @@ class SACConfig(AgentConfig):
     log_std_bounds: list[float] = field(default_factory=lambda: [-5.0, 2.0])
     log_every: int = 1000  # env steps per training-loop iteration (one logged row)
     # the preference pipeline (PEBBLE): the reward is learned from the env's oracle
-    reward: str = "true"  # true | preferences
+    reward: str = "env"  # env (the true reward) | preferences (learned from the env's oracle)
     segment_len: int = 50
     feedback_every: int = 5000  # env steps between feedback sessions
     queries_per_feedback: int = 10
@@ -97,8 +97,8 @@ class SACConfig(AgentConfig):
             raise UserError("agent.updates_per_step, agent.init_temperature, agent.rm_lr and agent.alpha_lr must be > 0")
         if self.revkl_coef < 0:
             raise UserError(f"agent.revkl_coef must be >= 0, got {self.revkl_coef}")
-        if self.reward not in ("true", "preferences"):
-            raise UserError(f"agent.reward must be true or preferences, got {self.reward!r}")
+        if self.reward not in ("env", "preferences"):
+            raise UserError(f"agent.reward must be env (the true reward) or preferences, got {self.reward!r}")
         if self.query not in QUERIES:
             raise UserError(f"agent.query must be one of {', '.join(QUERIES)}, got {self.query!r}")
         if self.revkl_direction not in ("reverse", "forward"):
