@@ -318,6 +318,7 @@ class SAC(Agent):
         self.critic_opt.step()
 
         a, logp, (mu, log_std) = self.policy.sample(obs)
+        self.critic.requires_grad_(False)  # the actor's loss needs dQ/da, not the critics' weight gradients
         q_pi = self.critic(torch.cat([obs, a], -1)).squeeze(-1).min(0).values
         actor_loss = (alpha * logp - q_pi).mean()  # E[alpha log pi(a|s) - min_i Q_i(s, a)]
         m = {}
@@ -328,6 +329,7 @@ class SAC(Agent):
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
+        self.critic.requires_grad_(True)
 
         alpha_loss = -(self.temperature.log_alpha * (logp.detach() + self.target_entropy)).mean()
         self.alpha_opt.zero_grad(set_to_none=True)

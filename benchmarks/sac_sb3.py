@@ -1,0 +1,144 @@
+"""rl-align's SAC against stable-baselines3's SAC at matched settings (256x256 ReLU, batch 256, one update
+per env step, lr 3e-4, tau 0.005, learned temperature from 1.0, 100 random steps, buffer 1M), side by side.
+
+    python benchmarks/sac_sb3.py speed --steps 3000 --repeats 3            # env steps/s of both, alternating, same process
+    python benchmarks/sac_sb3.py learn --root /work/bench/sb3 --seeds 0 1 2 3 4 --steps 200000   # resumable per seed
+    python benchmarks/sac_sb3.py report --root /work/bench/sb3
+
+``speed`` times both on HalfCheetah-v5 after their 100 warm-up steps (so updates dominate), in
+alternation, and prints each repeat and the median ratio. ``learn`` trains both per seed (rl-align's run
+folders are resumable; an SB3 run is saved at the end) and writes the final deterministic and stochastic
+return over 10 episodes to ``<root>/rows.jsonl``; ``report`` compares them the rliable way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rl_align.stats import fmt, prob_improvement, prob_improvement_ci, summarize  # noqa: E402
+
+TASK = "HalfCheetah-v5"
+
+
+def ours(steps: int, seed: int, out: Path, threads: int) -> tuple[float, dict | None]:
+    from rl_align.runs import resolve_config
+    from rl_align.train import train
+
+    cfg = resolve_config(TASK, "sac", [f"run.out_dir={out}", "run.progress=false", f"run.torch_threads={threads}", "run.eval_episodes=10"],
+                         steps=steps, seed=seed)
+    t0 = time.perf_counter()
+    _, summary = train(cfg, quiet=True)
+    return steps / (time.perf_counter() - t0), summary
+
+
+def sb3(steps: int, seed: int, threads: int, evaluate: bool) -> tuple[float, dict | None]:
+    import gymnasium as gym
+    from stable_baselines3 import SAC
+
+    torch.set_num_threads(threads)
+    env = gym.make(TASK)
+    model = SAC("MlpPolicy", env, seed=seed, verbose=0, device="cpu")  # its defaults are the matched settings
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=steps)
+    sps = steps / (time.perf_counter() - t0)
+    if not evaluate:
+        return sps, None
+    out = {}
+    for mode, det in (("det", True), ("stoch", False)):
+        rets = []
+        for i in range(10):
+            e = gym.make(TASK)
+            obs, _ = e.reset(seed=seed + 100_000 + i)
+            done, ret = False, 0.0
+            while not done:
+                a, _ = model.predict(obs, deterministic=det)
+                obs, r, te, tr, _ = e.step(a)
+                ret, done = ret + r, te or tr
+            rets.append(ret)
+        out[f"eval/return_{mode}"] = float(np.mean(rets))
+    return sps, {"final": out}
+
+
+def ours_training_speed(steps: int, seed: int, threads: int) -> float:
+    """Env steps/s of the training loop's work alone (collect, which holds SAC's updates, and update), no evaluation."""
+    from rl_align.agents.base import EpisodeTracker
+    from rl_align.runs import build_agent, resolve_config
+
+    cfg = resolve_config(TASK, "sac", [f"run.torch_threads={threads}"], steps=steps, seed=seed)
+    agent, env = build_agent(cfg)
+    obs, tracker = env.reset(), EpisodeTracker(env.n_envs)
+    t0 = time.perf_counter()
+    while agent.env_steps < steps:
+        obs = agent.collect(env, obs, tracker)
+        agent.update(tracker.pop())
+    return agent.env_steps / (time.perf_counter() - t0)
+
+
+def cmd_speed(args) -> None:
+    rows = []
+    for k in range(args.repeats):
+        a = ours_training_speed(args.steps, k, args.threads)
+        b, _ = sb3(args.steps, k, args.threads, evaluate=False)
+        rows.append((a, b))
+        print(f"repeat {k}: rl-align {a:.1f} env steps/s, SB3 {b:.1f}, ratio {a / b:.2f}", flush=True)
+    print(f"median: rl-align {statistics.median(r[0] for r in rows):.1f}, SB3 {statistics.median(r[1] for r in rows):.1f}, "
+          f"ratio {statistics.median(r[0] / r[1] for r in rows):.2f} ({args.steps} steps incl. 100 warm-up, {args.threads} thread(s))")
+
+
+def cmd_learn(args) -> None:
+    args.root.mkdir(parents=True, exist_ok=True)
+    done = {(r["impl"], r["seed"]) for r in map(json.loads, (args.root / "rows.jsonl").read_text().splitlines())} \
+        if (args.root / "rows.jsonl").exists() else set()
+    for seed in args.seeds:
+        for impl in args.impl:
+            if (impl, seed) in done:
+                continue
+            sps, s = ours(args.steps, seed, args.root / "rl-align", 1) if impl == "rl-align" else sb3(args.steps, seed, 1, evaluate=True)
+            row = {"impl": impl, "seed": seed, "steps": args.steps, "sps": sps, **s["final"]}
+            with (args.root / "rows.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(row, flush=True)
+
+
+def cmd_report(args) -> None:
+    rows = [json.loads(x) for x in (args.root / "rows.jsonl").read_text().splitlines()]
+    for mode in ("det", "stoch"):
+        by = {impl: [r[f"eval/return_{mode}"] for r in rows if r["impl"] == impl] for impl in ("rl-align", "sb3")}
+        for impl, v in by.items():
+            print(f"{mode:5} {impl:9} {fmt(summarize(v))}")
+        if min(len(v) for v in by.values()) >= 2:
+            lo, hi = prob_improvement_ci(by["rl-align"], by["sb3"])
+            print(f"{mode:5} P(rl-align > SB3) = {prob_improvement(by['rl-align'], by['sb3']):.2f} [{lo:.2f}, {hi:.2f}]")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--steps", type=int, default=3000)
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--threads", type=int, default=1)
+    ln = sub.add_parser("learn")
+    ln.add_argument("--root", type=Path, required=True)
+    ln.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ln.add_argument("--steps", type=int, default=200_000)
+    ln.add_argument("--impl", nargs="+", default=["rl-align", "sb3"])
+    r = sub.add_parser("report")
+    r.add_argument("--root", type=Path, required=True)
+    args = p.parse_args()
+    {"speed": cmd_speed, "learn": cmd_learn, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

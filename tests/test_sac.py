@@ -1,0 +1,184 @@
+"""SAC and the PEBBLE family: the closed-form KL of squashed Gaussians, the KL term's direction, query
+selection, relabelling, the unsupervised phase's reward, learning on a small task, preference
+direction on a locomotion task, and exact resume of an off-policy run."""
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rl_align.agents.pebble import RewardEnsemble, select_queries
+from rl_align.agents.sac import SAC
+from rl_align.buffer import ReplayBuffer, Segments
+from rl_align.checkpoints import load_checkpoint
+from rl_align.nets import SquashedGaussianPolicy, gaussian_kl
+from rl_align.runs import build_agent, resolve_config
+from rl_align.train import resume, train
+
+TINY = ["agent.hidden=[32,32]", "agent.batch=64", "agent.log_every=250", "run.progress=false", "run.eval_episodes=2"]
+
+
+def rows(folder: Path) -> list[dict]:
+    with (folder / "progress.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def squashed_logp(u: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Density of ``a = tanh(u)`` under the squashed Gaussian, written from the change of variables."""
+    a = torch.tanh(u)
+    gauss = torch.distributions.Normal(mu, log_std.exp()).log_prob(u)
+    return (gauss - torch.log(1 - a**2)).sum(-1)
+
+
+def test_squashed_gaussian_kl_closed_form_matches_monte_carlo():
+    torch.manual_seed(0)
+    mu_p, ls_p = torch.tensor([[0.3, -0.5]]), torch.tensor([[-0.4, -0.9]])
+    mu_q, ls_q = torch.tensor([[-0.2, 0.1]]), torch.tensor([[-0.7, -0.3]])
+    u = mu_p + ls_p.exp() * torch.randn(400_000, 2, dtype=torch.float64).float()
+    u = u.clamp(-6, 6)  # keep 1 - tanh(u)^2 representable in float32
+    # KL(p || q) = E_p[log p(a) - log q(a)] over squashed actions a = tanh(u): the Jacobian terms cancel
+    mc = (squashed_logp(u, mu_p, ls_p) - squashed_logp(u, mu_q, ls_q)).mean()
+    closed = gaussian_kl(mu_p, ls_p, mu_q, ls_q)[0]
+    assert closed == pytest.approx(float(mc), rel=0.02), (float(closed), float(mc))
+
+
+def test_revkl_direction_flips_the_arguments(tmp_path):
+    cfg = resolve_config("halfcheetah", "pebble-revkl", [*TINY, f"run.out_dir={tmp_path}"], steps=1000)
+    agent, env = build_agent(cfg)
+    env.close()
+    torch.manual_seed(1)
+    for p in agent.ref_policy.parameters():  # a reference that differs from the policy
+        p.data += 0.3 * torch.randn_like(p)
+    obs = torch.randn(64, agent.obs_dim)
+    with torch.no_grad():
+        mu, log_std = agent.policy.dist_params(obs)
+        mu_r, ls_r = agent.ref_policy.dist_params(obs)
+    assert agent.config.revkl_direction == "forward"  # the paper's code: KL(pi_ref || pi)
+    forward = float(agent.revkl_term(obs, mu, log_std))
+    assert forward == pytest.approx(float(gaussian_kl(mu_r, ls_r, mu, log_std).mean()), rel=1e-6)
+    agent.config.revkl_direction = "reverse"
+    reverse = float(agent.revkl_term(obs, mu, log_std))
+    assert reverse == pytest.approx(float(gaussian_kl(mu, log_std, mu_r, ls_r).mean()), rel=1e-6)
+    assert abs(forward - reverse) > 1e-3 * reverse  # the two directions differ here
+
+
+def test_revkl_coef_zero_is_pebble_exactly(tmp_path):
+    sets = [*TINY, "agent.learning_starts=200", "agent.unsup_steps=200", "agent.feedback_every=250", "agent.segment_len=20",
+            "run.eval_episodes=1", "env.max_episode_steps=200"]
+    a, _ = train(resolve_config("halfcheetah-pref", "pebble", [*sets, f"run.out_dir={tmp_path / 'a'}"], steps=1500, seed=1), quiet=True)
+    b, _ = train(resolve_config("halfcheetah-pref", "pebble-revkl", [*sets, "agent.revkl_coef=0", "agent.ref_every=500",
+                                                                    f"run.out_dir={tmp_path / 'b'}"], steps=1500, seed=1), quiet=True)
+    ra, rb = rows(a), rows(b)
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
+    assert [strip(r) for r in ra] == [strip(r) for r in rb]
+    assert float(ra[-1]["pebble/labels"] or 0) > 0 or any(r.get("pebble/labels") for r in ra)  # the runs did learn from labels
+
+
+def test_disagreement_picks_the_pairs_the_members_disagree_on():
+    """Members whose reward is +x, -x and +x (x = the first observation): pairs whose segments differ in x
+    split the ensemble, pairs with equal x get P = 1/2 from every member."""
+    torch.manual_seed(0)
+    rm = RewardEnsemble(obs_dim=2, act_dim=1, hidden=[2], members=3, lr=1e-3)
+    with torch.no_grad():
+        w0, b0, w1, b1 = rm.net.weights[0], rm.net.biases[0], rm.net.weights[1], rm.net.biases[1]
+        w0.zero_(), b0.zero_(), w1.zero_(), b1.zero_()
+        w0[:, 0, 0], w0[:, 0, 1] = 1.0, -1.0  # hidden = (relu(x), relu(-x)), so x = h0 - h1
+        for k, sign in enumerate((1.0, -1.0, 1.0)):
+            w1[k, 0, 0], w1[k, 1, 0] = 0.1 * sign, -0.1 * sign
+    M, H = 40, 5
+    rng = np.random.default_rng(0)
+    x1 = rng.uniform(-1, 1, M)
+    gap = np.zeros(M)
+    gap[rng.choice(M, 6, replace=False)] = rng.uniform(1.0, 2.0, 6) * rng.choice([-1, 1], 6)
+
+    def seg(x):
+        obs = np.zeros((M, H, 2), np.float32)
+        obs[..., 0] = x[:, None]
+        z = np.zeros((M, H))
+        return Segments(np.zeros(M, int), np.zeros(M, int), obs, np.zeros((M, H, 1), np.float32), z, z, z, np.zeros((M, H, 3)),
+                        np.ones((M, H), bool), obs)
+
+    picked = select_queries(rm, seg(x1), seg(x1 + gap), 6, "disagreement", rng)
+    assert set(picked) == set(np.flatnonzero(gap))
+    assert len(set(select_queries(rm, seg(x1), seg(x1 + gap), 6, "uniform", rng)) & set(np.flatnonzero(gap))) < 6
+
+
+def test_relabel_rewrites_every_stored_transition():
+    buf = ReplayBuffer(capacity=30, n_envs=2, obs_dim=3, act_dim=2)
+    rng = np.random.default_rng(0)
+    for _ in range(23):  # more than the 15 slots per env: the ring wraps
+        obs = rng.standard_normal((2, 3)).astype(np.float32)
+        buf.add(obs, obs, rng.uniform(-1, 1, (2, 2)), np.ones(2), np.zeros(2), np.zeros((2, 3)), np.zeros(2, bool), np.zeros(2, bool), learned=-7.0)
+    assert buf.size == 15 and (buf.learned == -7.0).all()
+    buf.relabel(lambda o, a: o[:, 0] + 10 * a[:, 1], chunk=4)
+    assert np.allclose(buf.learned, buf.obs[..., 0] + 10 * buf.actions[..., 1])
+
+
+def test_segments_stay_inside_one_episode():
+    buf = ReplayBuffer(capacity=200, n_envs=2, obs_dim=1, act_dim=1)
+    for t in range(100):
+        done = np.array([t % 13 == 12, t % 7 == 6])  # episodes of 13 and 7 steps
+        buf.add(np.full((2, 1), t, np.float32), np.zeros((2, 1)), np.zeros((2, 1)), np.zeros(2), np.zeros(2), np.zeros((2, 3)),
+                done, np.zeros(2, bool))
+    seg = buf.segments(500, 5, np.random.default_rng(0))
+    t = seg.obs[..., 0]
+    assert (np.diff(t, axis=1) == 1).all()  # consecutive steps
+    period = np.where(seg.env == 0, 13, 7)
+    assert ((t[:, 0] // period[:, None][:, 0]) == (t[:, -1] // period)).all()  # never across an episode end
+    assert len(set(zip(seg.env, t[:, 0]))) > 50
+
+
+def test_unsupervised_phase_reads_no_reward(tmp_path):
+    """Both reward columns poisoned with nan: the critic and the actor stay finite through the
+    unsupervised phase (its reward is the state entropy), and the batch reward is that estimate."""
+    cfg = resolve_config("halfcheetah-pref", "pebble", [*TINY, "agent.learning_starts=100", "agent.unsup_steps=100000",
+                                                       f"run.out_dir={tmp_path}"], steps=10_000)
+    agent, env = build_agent(cfg)
+    from rl_align.agents.base import EpisodeTracker
+
+    obs = env.reset()
+    obs = agent.collect(env, obs, EpisodeTracker(env.n_envs))
+    agent.replay.rewards[:] = np.nan
+    agent.replay.learned[:] = np.nan
+    m = agent.gradient_step()
+    env.close()
+    assert math.isfinite(m["train/critic_loss"]) and math.isfinite(m["train/batch_reward"]) and m["train/batch_reward"] > 0
+    assert all(torch.isfinite(p).all() for p in agent.critic.parameters())
+    assert agent.oracle.queries == 0
+
+
+def test_sac_learns_inverted_pendulum(tmp_path):
+    # measured here (3,000 steps, 32x32 nets): deterministic return 4.0 -> 91.0, 7.0 -> 50.0, 4.0 -> 102.5 at seeds
+    # 0, 1, 2 (gains 87, 43, 98); the bound asks for a gain of 20, under half the smallest
+    for seed in (0, 1, 2):
+        cfg = resolve_config("inverted-pendulum", "sac", [*TINY, "agent.learning_starts=500", f"run.out_dir={tmp_path}"], steps=3000, seed=seed)
+        _, s = train(cfg, quiet=True)
+        assert s["final"]["eval/return_det"] > s["initial"]["eval/return_det"] + 20, (seed, s["initial"]["eval/return_det"], s["final"]["eval/return_det"])
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, sigterm_cli):
+    sets = [*TINY, "agent.learning_starts=200", "agent.unsup_steps=300", "agent.feedback_every=500", "agent.segment_len=20",
+            "run.eval_episodes=1", "env.max_episode_steps=200", "run.checkpoint_every=500"]
+    out = tmp_path / "runs"
+    args = ["train", "--env", "halfcheetah-pref", "--agent", "pebble-revkl", "--steps", "2500", "--seed", "2", "--set", f"run.out_dir={out}"]
+    for s in [*sets, "agent.ref_every=1000", "agent.ref_start=100"]:
+        args += ["--set", s]
+    returncode, err, progress = sigterm_cli(args, out, "*/*/*/progress.csv")
+    assert returncode == 143, err
+    folder = progress.parent
+    stopped = load_checkpoint(folder)["env_steps"]
+    assert 0 < stopped < 2500
+    _, resumed = resume(folder, quiet=True)
+    cfg = resolve_config("halfcheetah-pref", "pebble-revkl", [*sets, "agent.ref_every=1000", "agent.ref_start=100",
+                                                              f"run.out_dir={tmp_path / 'straight'}"], steps=2500, seed=2)
+    straight_folder, straight = train(cfg, quiet=True)
+    assert resumed["final"] == straight["final"] and resumed["queries_used"] == straight["queries_used"] > 0
+    a, b = load_checkpoint(folder), load_checkpoint(straight_folder)
+    for k in a["policy"]:
+        assert torch.equal(a["policy"][k], b["policy"][k]), k
+    assert torch.equal(a["replay"]["learned"], b["replay"]["learned"])
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
+    assert [strip(r) for r in rows(folder)] == [strip(r) for r in rows(straight_folder)]
