@@ -39,7 +39,7 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         for k in ("n_envs", "n_steps", "epochs", "minibatch"):
-            if getattr(self, k) < 1:
+            if getattr(self, k) is not None and getattr(self, k) < 1:  # (None: renamed in a subclass, refused there)
                 raise UserError(f"agent.{k} must be >= 1, got {getattr(self, k)}")
         for k in ("lr", "clip", "max_grad_norm"):
             if getattr(self, k) <= 0:
