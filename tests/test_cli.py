@@ -22,6 +22,11 @@ BAD = [
     (["--set", "agent.n_steps=0"], "agent.n_steps must be >= 1"),
     (["--set", "nokey"], "must look like section.key=value"),
     (["--env", "Reacher-v5", "--agent", "ppo-lag"], "Reacher has no default velocity threshold; set env.cost.threshold="),
+    # one name for one thing: the old names are refused with the new one
+    (["--env", "halfcheetah-pref", "--agent", "rlhf", "--set", "agent.kl_coef=0.05"], "agent.kl_coef is agent.revkl_coef"),
+    (["--env", "halfcheetah-pref", "--agent", "rlhf", "--set", "agent.kl_coef=0.05"], "use --set agent.revkl_coef=0.05"),
+    (["--env", "halfcheetah-pref", "--agent", "sail-revkl", "--set", "agent.minibatch=50"], "use --set agent.minibatch_pairs=50"),
+    (["--env", "halfcheetah-cyclic", "--agent", "comal", "--set", "agent.minibatch=50"], "use --set agent.minibatch_pairs=50"),
 ]
 
 
