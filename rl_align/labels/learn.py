@@ -17,12 +17,11 @@ a pair are those of the policy that collected it), and states are normalized by 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 
 from rl_align.agents.preferences import PreferenceBatch
+from rl_align.buffer import Segments
 from rl_align.errors import UserError
 from rl_align.labels.store import SEGMENT_FIELDS
 
@@ -51,6 +50,12 @@ def post_rollout_pairs(agent, segment_len: int) -> int:
     ids = oracle.feed.store.add_pairs(segment_arrays(agent, seg), i, j, source=f"trainer@{agent.env_steps}")
     oracle.queries += len(ids)
     return len(ids)
+
+
+def stored_segments(side: dict[str, np.ndarray], rows: np.ndarray) -> Segments:
+    """Rows of one side of the store's pairs as :class:`Segments` (what an oracle score is handed everywhere;
+    the store keeps raw observations)."""
+    return Segments.of(raw_obs=side["obs"][rows], **{f: side[f][rows] for f in SEGMENT_FIELDS if f != "obs"})
 
 
 def check_segment_len(agent) -> None:
@@ -86,7 +91,7 @@ def sail_batch(agent) -> PreferenceBatch | None:
         ref_logp = agent.ref_policy.log_prob(obs, act) * mask
         old_logp = agent.policy.log_prob(obs, act) * mask
     lab = labels[pick]
-    sel = lambda side: SimpleNamespace(**{f: side[f][pick] for f in SEGMENT_FIELDS})  # noqa: E731
+    sel = lambda side: stored_segments(side, pick)  # noqa: E731
     return PreferenceBatch(obs=obs, actions=act, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
                            i=torch.arange(P, device=agent.device), j=torch.arange(P, 2 * P, device=agent.device), pref1=t(lab),
                            on_policy=False, n_labels=int(n_new), n_ties=int((labels[len(labels) - n_new:] == 0.5).sum()),
@@ -111,7 +116,7 @@ def rlhf_preferences(agent, reward) -> dict[str, float]:
     new = {"obs1": first["obs"][rows], "act1": first["actions"][rows], "mask1": first["mask"][rows].astype(np.float32),
            "obs2": second["obs"][rows], "act2": second["actions"][rows], "mask2": second["mask"][rows].astype(np.float32),
            "label": d["label"][rows].astype(np.float32)}
-    sel = lambda side: SimpleNamespace(**{f: side[f][rows] for f in SEGMENT_FIELDS})  # noqa: E731
+    sel = lambda side: stored_segments(side, rows)  # noqa: E731
     m["pref/oracle_agreement"] = oracle.agreement(sel(first), sel(second), d["label"][rows])
     m["pref/heldout_accuracy"] = reward.model.accuracy(*reward._tensors(agent, new, np.ones(len(rows), bool)))
     for k, v in new.items():
