@@ -26,7 +26,7 @@ SCORES = ("reward", "forward", "backward")
 
 @dataclass
 class OracleConfig:
-    """Which teacher labels segment pairs. See DESIGN.md, "Preference oracle"."""
+    """Which teacher labels segment pairs. See docs/design.md, "Preference oracle"."""
 
     kind: str = "bradley-terry"  # bradley-terry | general | human
     score: str = "reward"  # reward | forward | backward | package.module:function (segments -> [M])
