@@ -21,13 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rl_align.agents import register
 from rl_align.agents.base import Agent, AgentConfig
 from rl_align.agents.preferences import PreferenceBatch, label_pairs, pair_accuracy
-from rl_align.agents.sail_objective import (  # noqa: F401  (the pieces, re-exported for scripts that import them from here)
-    SAILCoefficients, SAILObjective, dpo_term, dpo_weights, expected_h, implicit_reward, segment_kl, shift_term, shift_weights)
+from rl_align.agents.sail_objective import SAILCoefficients, SAILObjective
 from rl_align.diagnostics import DiagnosticsConfig, PLDiagnostics
 from rl_align.errors import UserError
 from rl_align.labels.learn import sail_batch
