@@ -28,6 +28,7 @@ def measure(env_name: str, seed: int, sets: list[str], rollouts: int, runs_dir: 
     import torch
 
     from rl_align.agents.base import EpisodeTracker
+    from rl_align.agents.sail_objective import dpo_halves_cosine
     from rl_align.runs import build_agent, resolve_config
     from rl_align.train import auto_reference, prepare
 
@@ -42,7 +43,7 @@ def measure(env_name: str, seed: int, sets: list[str], rollouts: int, runs_dir: 
         obs = agent.collect(env, obs, tracker)
         fresh = agent._batch()
         if fresh is not None:
-            out.append(agent.loss.halves_cosine(agent._with_replay(fresh)))
+            out.append(dpo_halves_cosine(agent.policy, agent.ref_policy, agent._with_replay(fresh), agent.objective.coef))
     return out
 
 

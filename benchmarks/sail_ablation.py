@@ -95,14 +95,13 @@ def overhead(repeats: int) -> None:
         agent.update(tracker.pop())
         times["update"].append(time.perf_counter() - t0)
         b = agent._batch()
-        idx = torch.arange(min(len(b["pref1"]), agent.config.diag_pairs))
-        params = list(agent.policy.parameters())
-        objective = lambda: agent.loss.objective(agent.loss.terms(b, idx))  # noqa: E731
+        idx = torch.arange(min(b.n_pairs, agent.config.diag_pairs))
+        f = agent.objective.fixed_batch_objective(agent.ref_policy, b, idx)
         for key, every in (("pl", 0), ("pl+curvature", 1)):
             agent.diagnostics.config.curvature_every = every
             agent.diagnostics.measurements = 0
             t0 = time.perf_counter()
-            agent.diagnostics.measure(objective, params)
+            agent.diagnostics.measure(f, agent.policy)
             times[key].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in times.items()}
     default = SAILdefaults()

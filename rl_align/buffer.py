@@ -68,6 +68,21 @@ class Segments:
     def take(self, idx: np.ndarray) -> "Segments":
         return Segments(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
+    @classmethod
+    def of(cls, actions: np.ndarray, rewards: np.ndarray, features: np.ndarray, obs: np.ndarray | None = None,
+           raw_obs: np.ndarray | None = None, mask: np.ndarray | None = None, **fields: np.ndarray) -> "Segments":
+        """Segments from what a caller has (an evaluation rollout's windows, a label store's pairs), every
+        documented field present, so an oracle score sees one type everywhere: ``mask`` all True unless given
+        (windows that end before termination), ``obs`` / ``raw_obs`` each other where only one is known,
+        ``costs`` / ``logp`` zeros, ``env`` / ``start`` -1 (unknown)."""
+        M, H = np.shape(rewards)[:2]
+        obs = raw_obs if obs is None else obs
+        out = {"env": np.full(M, -1), "start": np.full(M, -1), "obs": obs, "raw_obs": obs if raw_obs is None else raw_obs,
+               "actions": actions, "rewards": rewards, "features": features, "costs": np.zeros((M, H)), "logp": np.zeros((M, H)),
+               "mask": np.ones((M, H), bool) if mask is None else np.asarray(mask, bool)}
+        out.update({k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
+        return cls(**{f: out[f] for f in cls.__dataclass_fields__})
+
 
 class RolloutBuffer:
     """Fixed-size ``[T, N]`` storage of one rollout, for every agent."""

@@ -1,6 +1,6 @@
 """PL-gap and curvature diagnostics for any agent with a scalar objective ``f`` to maximize.
 
-DESIGN.md, "PL-gap diagnostics". ``f`` is one function: the agent's objective on a fixed batch, as a
+docs/design.md, "PL-gap diagnostics". ``f`` is one function: the agent's objective on a fixed batch, as a
 function of the policy's parameters. At each measurement (every ``every`` updates):
 
 * ``f`` and ``||grad f||^2`` at the current parameters;

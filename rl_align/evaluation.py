@@ -19,12 +19,12 @@ import copy
 import dataclasses
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from rl_align.agents.base import Agent
+from rl_align.buffer import Segments
 from rl_align.checkpoints import load_checkpoint
 from rl_align.envs import EnvConfig, Oracle, make_vec_env
 from rl_align.envs.backend import choose_gl, gl_errors
@@ -94,7 +94,11 @@ def matched_preferences(a: dict, b: dict, oracle: Oracle) -> tuple[np.ndarray, n
     keys = sorted(set(a) & set(b))
     if not keys:
         return np.zeros(0), np.zeros(0, int)
-    stack = lambda segs: SimpleNamespace(**{k: np.stack([segs[key][k] for key in keys]) for k in segs[keys[0]]})  # noqa: E731
+    def stack(segs: dict) -> Segments:  # windows end before termination: every step real (mask all True)
+        arrays = {k: np.stack([segs[key][k] for key in keys]) for k in segs[keys[0]]}
+        return Segments.of(raw_obs=arrays.pop("obs"), env=np.array([key[0] for key in keys]),
+                           start=np.array([key[1] for key in keys]) * len(arrays["rewards"][0]), **arrays)
+
     return oracle.preference_prob(stack(a), stack(b)), np.array([key[0] for key in keys])
 
 

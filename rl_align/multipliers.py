@@ -1,4 +1,4 @@
-"""Lagrange multipliers for ``max J_r s.t. J_c <= d``, one small object per rule (DESIGN.md, "Constrained RL").
+"""Lagrange multipliers for ``max J_r s.t. J_c <= d``, one small object per rule (docs/design.md, "Constrained RL").
 
 Each rule sees only a cost estimate per step, never an agent (as OmniSafe's ``common/lagrange.py``):
 ``update(cost) -> lam`` moves the multiplier on ``g_k = cost_k - d``, ``value`` is the multiplier the

@@ -7,6 +7,7 @@ the run ends, ``summary.json``. An existing folder is never overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -103,9 +104,20 @@ def build_agent(cfg: RunConfig):
     return cls(cfg.agent, env, seed=cfg.run.seed, device=cfg.run.device, oracle=oracle, total_steps=cfg.run.steps), env
 
 
+# agent keys renamed (old -> new), for the agents whose config has the new key: one name for one thing
+RENAMED_AGENT_KEYS = {"kl_coef": "revkl_coef", "minibatch": "minibatch_pairs"}
+
+
 def load_run_config(folder: Path) -> RunConfig:
+    """A run folder's saved config. One written before a key was renamed is read under the new name (the
+    file is the program's own record of the run; a preset or ``--set`` with the old name is refused)."""
     data = read_yaml(Path(folder) / "config.yaml")
     try:
+        agent = data.get("agent") or {}
+        fields = dataclasses.fields(get_agent(data["algo"])[1])
+        for old, new in RENAMED_AGENT_KEYS.items():
+            if new in {f.name for f in fields} and new not in agent and agent.get(old) is not None:
+                agent[new] = agent.pop(old)
         return from_data(data["env_name"], data["agent_name"], data["algo"], data)
     except KeyError as exc:
         raise UserError(f"{folder}/config.yaml lacks {exc}; it is not an rl-align run folder") from None

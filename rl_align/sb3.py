@@ -25,6 +25,7 @@ import json
 import os
 import pickle
 import re
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,9 +221,10 @@ def agent_state(spec: str, agent) -> dict:
     if list(c.hidden) != m.hidden or c.activation != m.activation:
         hidden = "[" + ",".join(map(str, m.hidden)) + "]"
         raise UserError(f"{m.source} holds a {hidden} {m.activation} policy; set agent.hidden={hidden} agent.activation={m.activation}")
-    if m.obs_rms is None and c.normalize_obs:
-        raise UserError(f"{m.source} comes without a VecNormalize; name it as sb3:<model.zip>:<vecnormalize.pkl>, "
-                        "or set agent.normalize_obs=false if the model was trained on raw observations")
+    if m.obs_rms is None and c.normalize_obs:  # the zip says it: trained on raw observations, so the agent sees them raw too
+        c.normalize_obs = False  # (the run's config.yaml, written after this, records it: a resumed run agrees)
+        print(f"reference: {m.source} comes without a VecNormalize: observations are used raw (agent.normalize_obs=false; "
+              "name a normalizer as sb3:<model.zip>:<vecnormalize.pkl>)", file=sys.stderr)
     if m.obs_rms is not None and not c.normalize_obs:
         raise UserError(f"{m.source} was trained on VecNormalize-d observations; set agent.normalize_obs=true")
     rms = m.obs_rms or {"mean": torch.zeros(obs_dim, dtype=torch.float64), "var": torch.ones(obs_dim, dtype=torch.float64), "count": 1e-4}

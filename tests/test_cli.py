@@ -22,6 +22,11 @@ BAD = [
     (["--set", "agent.n_steps=0"], "agent.n_steps must be >= 1"),
     (["--set", "nokey"], "must look like section.key=value"),
     (["--env", "Reacher-v5", "--agent", "ppo-lag"], "Reacher has no default velocity threshold; set env.cost.threshold="),
+    # one name for one thing: the old names are refused with the new one
+    (["--env", "halfcheetah-pref", "--agent", "rlhf", "--set", "agent.kl_coef=0.05"], "agent.kl_coef is agent.revkl_coef"),
+    (["--env", "halfcheetah-pref", "--agent", "rlhf", "--set", "agent.kl_coef=0.05"], "use --set agent.revkl_coef=0.05"),
+    (["--env", "halfcheetah-pref", "--agent", "sail-revkl", "--set", "agent.minibatch=50"], "use --set agent.minibatch_pairs=50"),
+    (["--env", "halfcheetah-cyclic", "--agent", "comal", "--set", "agent.minibatch=50"], "use --set agent.minibatch_pairs=50"),
 ]
 
 
@@ -65,10 +70,37 @@ def test_malformed_yaml_preset(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_help_on_every_command():
-    for cmd in ([], ["train"], ["list"]):
-        res = rl_align(*cmd, "--help")
-        assert res.returncode == 0 and "usage: rl-align" in res.stdout
+def commands() -> list[list[str]]:
+    """Every command line that names a (sub-)command: argparse's sub-parsers, walked recursively, and the
+    words ``rl-align label`` reads itself (``label collect``, ``label answer``)."""
+    import argparse
+
+    from rl_align.cli import build_parser
+    from rl_align.labels.cli import SUBCOMMANDS
+
+    def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> list[list[str]]:
+        out = [prefix]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    out += walk(sub, prefix + [name])
+        return out
+
+    found = walk(build_parser(), [])
+    return found + [["label", name] for name in SUBCOMMANDS]
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_on_every_command(capsys, flag):
+    from rl_align.cli import main
+
+    cmds = commands()
+    assert ["label"] in cmds and ["label", "collect"] in cmds and ["train"] in cmds and len(cmds) > 8
+    for cmd in cmds:
+        with pytest.raises(SystemExit) as exc:
+            main([*cmd, flag])
+        out = capsys.readouterr().out
+        assert exc.value.code == 0 and out.startswith(f"usage: {' '.join(['rl-align', *cmd])}"), (cmd, out[:200])
 
 
 def test_list_shows_presets_with_descriptions():

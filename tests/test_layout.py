@@ -110,3 +110,23 @@ def test_the_checker_sees_a_back_edge_and_a_cycle(tmp_path):
     # the circle this layout removed: base -> lagrangian -> ppo -> base
     assert find_cycle({"base": {"lagrangian"}, "lagrangian": {"ppo"}, "ppo": {"base"}}) == ["base", "lagrangian", "ppo", "base"]
     assert find_cycle({"base": {"lagrangian"}, "ppo": {"base", "lagrangian"}}) is None
+
+
+def test_design_citations_name_sections_of_the_repositorys_design_file():
+    """Every ``docs/design.md, "Section"`` citation in the code, presets and README names a heading of
+    docs/design.md, and nothing cites a design file outside the repository."""
+    import re
+
+    repo = ROOT.parent
+    headings = {line.lstrip("#").strip() for line in (repo / "docs" / "design.md").read_text().splitlines() if line.startswith("#")}
+    files = [*ROOT.rglob("*.py"), *(repo / "envs").glob("*.yaml"), *(repo / "agents").glob("*.yaml"), repo / "README.md"]
+    cited, outside = set(), []
+    for path in files:
+        text = path.read_text()
+        for m in re.finditer(r"docs/design\.md[`\])(]*,?\s*\(?((?:\"[^\"]+\"(?:,?\s*(?:and\s*)?)?)+)", text):
+            cited |= {(path.name, name) for name in re.findall(r"\"([^\"]+)\"", m.group(1))}
+        if re.search(r"(?<!docs/)DESIGN\.md|\.\./shared/", text):
+            outside.append(path.name)
+    assert cited and not outside, outside
+    missing = sorted((f, name) for f, name in cited if name not in headings)
+    assert not missing, f"citations of sections docs/design.md does not have: {missing}"

@@ -98,3 +98,55 @@ def test_same_seed_same_labels():
 def test_bad_oracle_config(bad):
     with pytest.raises(UserError):
         OracleConfig(**bad)
+
+
+def test_a_user_score_gets_segments_with_a_mask_on_every_path():
+    """Training's segments, the win rate's matched windows and a label store's pairs all reach a user score
+    as ``rl_align.buffer.Segments``, ``mask`` included (the win-rate path once handed it a bare namespace)."""
+    from rl_align.buffer import Segments
+    from rl_align.evaluation import matched_preferences
+    from rl_align.labels.learn import stored_segments
+
+    oracle = Oracle(OracleConfig(score="user_scores:forward_per_real_step", temperature=0.0))
+    rng = np.random.default_rng(0)
+    window = lambda v: {"obs": rng.normal(size=(5, 4)), "actions": rng.normal(size=(5, 2)), "rewards": np.zeros(5),  # noqa: E731
+                        "costs": np.zeros(5), "features": np.stack([np.full(5, v), np.zeros(5), np.zeros(5)], -1)}
+    fast, slow = {(0, 0): window(2.0), (0, 1): window(2.0)}, {(0, 0): window(1.0), (0, 1): window(1.0)}
+    p, episode = matched_preferences(fast, slow, oracle)
+    assert p.tolist() == [1.0, 1.0] and episode.tolist() == [0, 0]
+
+    seen = []
+    spy = Oracle(OracleConfig(score="user_scores:forward_per_real_step", temperature=0.0))
+    spy._user_score = lambda seg: seen.append(seg) or np.zeros(len(seg.rewards))
+    matched_preferences(fast, slow, spy)
+    side = {"obs": rng.normal(size=(3, 5, 4)), "actions": rng.normal(size=(3, 5, 2)), "mask": np.ones((3, 5)), "logp": np.zeros((3, 5)),
+            "ref_logp": np.zeros((3, 5)), "rewards": np.zeros((3, 5)), "features": np.zeros((3, 5, 3))}
+    spy.returns(stored_segments(side, np.array([0, 2])))
+    assert all(isinstance(s, Segments) and s.mask.shape == s.rewards.shape and s.mask.dtype == bool for s in seen)
+    assert seen[0].mask.all() and seen[-1].raw_obs.shape == (2, 5, 4)
+
+
+def test_a_user_score_that_raises_is_one_line_naming_it():
+    from rl_align.buffer import Segments
+
+    oracle = Oracle(OracleConfig(score="user_scores:broken"))
+    seg = Segments.of(actions=np.zeros((2, 3, 1)), rewards=np.zeros((2, 3)), features=np.zeros((2, 3, 3)), obs=np.zeros((2, 3, 4)))
+    with pytest.raises(UserError) as exc:
+        oracle.label(seg, seg)
+    msg = str(exc.value)
+    assert "\n" not in msg and "user_scores:broken" in msg and "AttributeError" in msg and "no_such_field" in msg and "mask" in msg
+
+
+def test_a_user_score_that_raises_in_training_exits_2_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "rl_align.cli", "train", "--env", "halfcheetah-pref", "--agent", "sail", "--steps", "200",
+                          "--set", "env.oracle.score=user_scores:broken", "--set", "agent.ref=init", "--set", "agent.n_envs=2",
+                          "--set", "agent.n_steps=100", "--set", "agent.segment_len=20", "--set", "run.progress=false",
+                          "--set", f"run.out_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=120)
+    lines = [l for l in res.stderr.splitlines() if l.strip() and "WARNING" not in l]
+    assert res.returncode == 2 and len(lines) == 1 and "user_scores:broken raised AttributeError" in lines[0], res.stderr

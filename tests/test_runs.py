@@ -100,3 +100,17 @@ def test_a_bad_base_is_one_line_naming_the_fix(tmp_path, text, message):
     (tmp_path / "loop.yaml").write_text(text)
     with pytest.raises(UserError, match=message):
         resolve_config("halfcheetah-pref", str(tmp_path / "loop.yaml"))
+
+
+@pytest.mark.parametrize("env,agent,old,new,value", [("halfcheetah-pref", "rlhf", "kl_coef", "revkl_coef", 0.05),
+                                                     ("halfcheetah-pref", "sail-revkl", "minibatch", "minibatch_pairs", 50)])
+def test_a_run_folder_written_before_a_rename_still_loads(tmp_path, env, agent, old, new, value):
+    """``rl-align eval`` / ``--resume`` of an older run: its config.yaml holds the old key, read as the new
+    one; the same old key in an override is refused with the new name."""
+    cfg = resolve_config(env, agent, [f"agent.{new}={value}"])
+    data = cfg.to_dict()
+    data["agent"][old] = data["agent"].pop(new)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    assert getattr(load_run_config(tmp_path).agent, new) == value
+    with pytest.raises(UserError, match=f"use --set agent.{new}="):
+        resolve_config(env, agent, [f"agent.{old}={value}"])

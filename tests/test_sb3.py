@@ -118,8 +118,9 @@ def test_a_mismatched_network_or_model_kind_is_a_one_line_error(sb3_models, tmp_
     cfg = resolve_config("halfcheetah", "ppo", [f"agent.init=sb3:{alone}", "agent.hidden=[32,16]", "agent.activation=relu", "agent.n_steps=64"], seed=0)
     agent, env = build_agent(cfg)
     env.close()
-    with pytest.raises(UserError, match="without a VecNormalize; name it as sb3:<model.zip>:<vecnormalize.pkl>"):
-        prepare(agent, cfg)
+    prepare(agent, cfg)  # a zip without a VecNormalize loads by itself, as a raw-observation policy
+    raw = np.random.default_rng(0).normal(size=(3, agent.obs_rms.mean.shape[0])) * 20
+    assert not cfg.agent.normalize_obs and np.array_equal(agent.normalize(raw), raw.astype(np.float32))  # no clip at 10 either
     SAC("MlpPolicy", "Pendulum-v1", buffer_size=10, device="cpu").save(tmp_path / "sac.zip")
     with pytest.raises(UserError, match="holds a SACPolicy policy; supported: SB3 PPO / A2C 'MlpPolicy'"):
         read_sb3(str(tmp_path / "sac.zip"))

@@ -65,7 +65,7 @@ class OnPolicyConfig(AgentConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for k in ("n_steps", "epochs", "minibatch"):
-            if getattr(self, k) < 1:
+            if getattr(self, k) is not None and getattr(self, k) < 1:  # (None: renamed in a subclass, refused there)
                 raise UserError(f"agent.{k} must be >= 1, got {getattr(self, k)}")
         for k in ("clip", "max_grad_norm"):
             if getattr(self, k) <= 0:

@@ -1,4 +1,4 @@
-"""COMAL: the prox-point meta-algorithm around a KL-regularized inner solver (DESIGN.md, "COMAL").
+"""COMAL: the prox-point meta-algorithm around a KL-regularized inner solver (docs/design.md, "COMAL and INPO").
 
 Outer loop ``t = 1..T`` (COMAL Algorithm 1): starting from ``pi_ref^t``, run inner updates that
 approximately solve the regularized game
@@ -10,7 +10,7 @@ units of SAIL-RevKL's lambda and of the trajectory log-ratios below). ``algo: co
 (its loop: collect, label, minibatch epochs, diagnostics) with two components that ``COMALConfig`` builds,
 so "resets off == the inner solver" holds by construction:
 
-* the inner loss (``inner``): :class:`INPOInner`, COMAL's Algorithm 3 (INPO), the prox solver for a
+* the inner objective (``inner``): :class:`INPOObjective`, COMAL's Algorithm 3 (INPO), the prox solver for a
   general preference (the default), or :class:`SAILRevKLInner`, the SAIL-RevKL objective with
   ``revkl_coef = tau`` (a Bradley-Terry likelihood: not the prox step of a cyclic preference; kept as an
   option and for comparison);
@@ -41,7 +41,10 @@ import numpy as np
 import torch
 
 from rl_align.agents import register
-from rl_align.agents.sail import SAIL, SAILConfig, SAILLoss, dpo_term, implicit_reward
+from rl_align.agents.preferences import PreferenceBatch, batch_logp, pair_accuracy
+from rl_align.agents.sail import SAIL, SAILConfig
+from rl_align.agents.sail_objective import SAILCoefficients, SAILObjective, Terms, dpo_term, implicit_reward
+from rl_align.diagnostics import flat_grad
 from rl_align.errors import UserError
 
 INNER = ("inpo", "sail-revkl")
@@ -68,8 +71,10 @@ class COMALConfig(SAILConfig):
         if self.inner_updates < 0 or self.plateau_window < 0 or self.plateau_tol < 0:
             raise UserError("agent.inner_updates, agent.plateau_window and agent.plateau_tol must be >= 0 (0 switches that reset off)")
 
-    def make_loss(self, agent) -> "INPOInner | SAILRevKLInner":
-        return INPOInner(agent) if self.inner == "inpo" else SAILRevKLInner(agent)
+    def make_objective(self) -> "INPOObjective | SAILRevKLInner":
+        if self.inner == "inpo":
+            return INPOObjective(INPOCoefficients(beta=self.beta, eta=self.eta, tau=self.revkl_coef))
+        return SAILRevKLInner(SAILCoefficients.of(self))
 
     def make_schedule(self, agent) -> "ReferenceSchedule":
         return ReferenceSchedule(self.plateau_window, self.plateau_tol, self.inner_updates, initial=agent.ref_policy)
@@ -186,75 +191,101 @@ def inpo_loss(logp_i: torch.Tensor, logp_j: torch.Tensor, old_i: torch.Tensor, o
     return ((ratio - ref_pull - eta * (win_i - win_j)) ** 2).mean()  # (log-ratio - MD target)^2
 
 
-class INPOInner:
-    """INPO terms on a batch: one policy forward over the segments, nothing else (the reverse KL it logs
-    is the sampled estimate ``sum_t log mu_k/pi_ref`` of the fresh segments, free from the batch)."""
+@dataclass(frozen=True)
+class INPOCoefficients:
+    """INPO's step size ``eta`` and regularization ``tau`` (``agent.revkl_coef``); ``beta`` scales only the
+    logged implicit reward ``h`` (the held-out accuracy diagnostic)."""
 
-    def __init__(self, agent: SAIL) -> None:
-        self.agent = agent
+    beta: float = 0.1
+    eta: float = 10.0
+    tau: float = 0.05
 
-    def prepare(self, b: dict) -> float:
-        """Add each segment's win rate against mu_k to ``b``; return ``f_k = -L(mu_k) / L_0``: the loss at
+
+def inpo_terms(policy, b: PreferenceBatch, coef: INPOCoefficients, idx: torch.Tensor) -> Terms:
+    """INPO's terms on the pairs ``idx`` of ``b`` (with its win rates ``b.win``): ``inpo`` (the regression
+    loss, to minimize), and, for the logs, ``dpo`` / ``logsig`` / ``h`` of the implicit reward, per-step
+    ``logp`` and ``revkl``, the sampled segment ``KL(mu_k || pi_ref)`` of the fresh segments (free from the
+    batch: ``sum_t log mu_k/pi_ref``). One policy forward over the segments; the reference enters only
+    through ``b.ref_logp``."""
+    i, j, pref1 = b.i[idx], b.j[idx], b.pref1[idx]
+    fresh = torch.arange(b.n_fresh_segments, device=b.obs.device)
+    logp, _ = batch_logp(policy, b, torch.cat([i, j, fresh]).unique())
+    h = implicit_reward(logp, b.ref_logp, b.mask, coef.beta)  # for the held-out accuracy diagnostic
+    logsig = dpo_term(torch.where(pref1 > 0.5, h[i], h[j]), torch.where(pref1 > 0.5, h[j], h[i]))
+    old, ref = b.old_logp, b.ref_logp
+    inpo = inpo_loss(logp[i], logp[j], old[i], old[j], ref[i], ref[j], b.win[i], b.win[j], coef.eta, coef.tau)
+    revkl = ((old[fresh] - ref[fresh]) * b.mask[fresh]).sum(-1).mean()  # sampled segment KL(mu_k || pi_ref)
+    return {"inpo": inpo, "dpo": logsig.mean(), "logsig": logsig, "logp": logp, "h": h, "revkl": revkl,
+            "shift": torch.zeros((), device=b.obs.device)}
+
+
+class INPOObjective:
+    """INPO as the preference agent's objective component (the interface of
+    :class:`~rl_align.agents.sail_objective.SAILObjective`): ``J = -inpo``. Holds only its coefficients."""
+
+    def __init__(self, coef: INPOCoefficients) -> None:
+        self.coef = coef
+
+    def prepare(self, policy, reference, fresh: PreferenceBatch) -> tuple[PreferenceBatch, float]:
+        """Each segment's win rate against mu_k into the batch, and ``f_k = -L(mu_k) / L_0``: the loss at
         ``theta = mu_k`` (where the log-ratio to mu_k is 0, so no forward pass) relative to
         ``L_0 = eta^2 E[(w - w')^2]``, its value when ``pi_ref = mu_k``. ``f = -1`` right after a reset and
         rises toward 0 as ``tau log mu_k/pi_ref`` comes to explain the win rates (the fixed point of the
         regularized game); the ratio is unit-free, comparable across batches and eta."""
-        c = self.agent.config
-        b["win"] = segment_win_rates(b["i"], b["j"], b["pref1"], len(b["obs"]))
-        i, j, old, ref = b["i"], b["j"], b["old_logp"], b["ref_logp"]
+        c = self.coef
+        b = fresh.fixed(win=segment_win_rates(fresh.i, fresh.j, fresh.pref1, len(fresh.obs)))
+        i, j, old, ref = b.i, b.j, b.old_logp, b.ref_logp
         dref = (ref[i] - old[i]).sum(-1) - (ref[j] - old[j]).sum(-1)  # log pi_ref/mu_k (s) - (s')
-        dwin = b["win"][i] - b["win"][j]
+        dwin = b.win[i] - b.win[j]
         L0 = float((c.eta * dwin).pow(2).mean())
-        return -float((c.eta * c.revkl_coef * dref + c.eta * dwin).pow(2).mean()) / L0 if L0 > 0 else float("nan")
+        return b, (-float((c.eta * c.tau * dref + c.eta * dwin).pow(2).mean()) / L0 if L0 > 0 else float("nan"))
 
-    def terms(self, b: dict, idx: torch.Tensor, policy=None) -> dict[str, torch.Tensor]:
-        a, c = self.agent, self.agent.config
-        i, j, pref1 = b["i"][idx], b["j"][idx], b["pref1"][idx]
-        fresh = torch.arange(int(b.get("n_fresh_segments", len(b["obs"]))), device=a.device)
-        logp, _ = a.segment_logp(b, torch.cat([i, j, fresh]).unique(), policy)
-        h = implicit_reward(logp, b["ref_logp"], b["mask"], c.beta)  # for the held-out accuracy diagnostic
-        logsig = dpo_term(torch.where(pref1 > 0.5, h[i], h[j]), torch.where(pref1 > 0.5, h[j], h[i]))
-        old, ref = b["old_logp"], b["ref_logp"]
-        inpo = inpo_loss(logp[i], logp[j], old[i], old[j], ref[i], ref[j], b["win"][i], b["win"][j], c.eta, c.revkl_coef)
-        revkl = ((old[fresh] - ref[fresh]) * b["mask"][fresh]).sum(-1).mean()  # sampled segment KL(mu_k || pi_ref)
-        return {"inpo": inpo, "dpo": logsig.mean(), "logsig": logsig, "logp": logp, "h": h, "revkl": revkl,
-                "shift": torch.zeros((), device=a.device)}
+    def at_theta_old(self, policy, reference, b: PreferenceBatch) -> tuple[PreferenceBatch, Terms]:
+        """Nothing to fix beyond the win rates (``prepare``); the terms at theta_old for the held-out accuracy."""
+        with torch.no_grad():
+            return b, self.terms(policy, reference, b, torch.arange(b.n_fresh_pairs, device=b.obs.device))
 
-    def objective(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    def terms(self, policy, reference, b: PreferenceBatch, idx: torch.Tensor) -> Terms:
+        return inpo_terms(policy, b, self.coef, idx)
+
+    def objective(self, terms: Terms) -> torch.Tensor:
         return -terms["inpo"]
 
-    def fixed_batch_objective(self, b: dict, idx: torch.Tensor):
-        return lambda policy: -self.terms(b, idx, policy)["inpo"]
+    def fixed_batch_objective(self, reference, b: PreferenceBatch, idx: torch.Tensor):
+        return lambda policy: -inpo_terms(policy, b, self.coef, idx)["inpo"]
 
-    def term_gradients(self, b: dict, idx: torch.Tensor) -> dict[str, float]:
+    def heldout_accuracy(self, b: PreferenceBatch, t0: Terms) -> float:
+        n = b.n_fresh_pairs
+        return pair_accuracy(t0["h"][b.i[:n]], t0["h"][b.j[:n]], b.pref1[:n])
+
+    def term_gradients(self, policy, reference, b: PreferenceBatch, idx: torch.Tensor, extra: Terms | None = None) -> dict[str, float]:
         """Norms of the two pulls in the INPO gradient at theta_old (where the log-ratio to mu_k is 0):
         ``grad/inpo_pref`` of ``2 eta E[(w - w') grad x]`` and ``grad/inpo_ref`` of ``2 eta tau
         E[log pi_ref/mu_k (differenced) grad x]``; their ratio ``grad/ref_over_pref`` is the share of the
-        step that the tau pull cancels (0 right after a reset, ~1 at the regularized game's solution)."""
-        from rl_align.diagnostics import flat_grad
-
-        a, c = self.agent, self.agent.config
-        i, j = b["i"][idx], b["j"][idx]
-        logp, _ = a.segment_logp(b, torch.cat([i, j]).unique())
-        x = (logp[i] - b["old_logp"][i]).sum(-1) - (logp[j] - b["old_logp"][j]).sum(-1)
-        dref = (b["ref_logp"][i] - b["old_logp"][i]).sum(-1) - (b["ref_logp"][j] - b["old_logp"][j]).sum(-1)
-        params = list(a.policy.parameters())
-        g_pref = flat_grad((2 * c.eta * (b["win"][i] - b["win"][j]) * x).mean(), params, retain_graph=True)
-        g_ref = flat_grad((2 * c.eta * c.revkl_coef * dref * x).mean(), params, retain_graph=True)
+        step that the tau pull cancels (0 right after a reset, ~1 at the regularized game's solution).
+        (``extra``, an agent's cost term, is not measured here.)"""
+        c = self.coef
+        i, j = b.i[idx], b.j[idx]
+        logp, _ = batch_logp(policy, b, torch.cat([i, j]).unique())
+        x = (logp[i] - b.old_logp[i]).sum(-1) - (logp[j] - b.old_logp[j]).sum(-1)
+        dref = (b.ref_logp[i] - b.old_logp[i]).sum(-1) - (b.ref_logp[j] - b.old_logp[j]).sum(-1)
+        params = list(policy.parameters())
+        g_pref = flat_grad((2 * c.eta * (b.win[i] - b.win[j]) * x).mean(), params, retain_graph=True)
+        g_ref = flat_grad((2 * c.eta * c.tau * dref * x).mean(), params, retain_graph=True)
         out = {"grad/inpo_pref": float(g_pref.norm()), "grad/inpo_ref": float(g_ref.norm())}
         if out["grad/inpo_pref"] > 0:
             out["grad/ref_over_pref"] = out["grad/inpo_ref"] / out["grad/inpo_pref"]
         return out
 
 
-class SAILRevKLInner(SAILLoss):
-    """SAIL-RevKL with ``revkl_coef = tau`` (SAIL's own loss); ``f_k = dpo - tau KL`` at theta_old costs
+class SAILRevKLInner(SAILObjective):
+    """SAIL-RevKL with ``revkl_coef = tau`` (SAIL's own objective); ``f_k = dpo - tau KL`` at theta_old costs
     one extra no-grad forward per update."""
 
-    def prepare(self, b: dict) -> float:
+    def prepare(self, policy, reference, fresh: PreferenceBatch) -> tuple[PreferenceBatch, float]:
         with torch.no_grad():
-            t = self.terms(b, torch.arange(len(b["pref1"]), device=self.agent.device))
-        return float(t["dpo"] - self.agent.config.revkl_coef * t["revkl"])
+            t = self.terms(policy, reference, fresh, torch.arange(fresh.n_pairs, device=fresh.obs.device))
+        return fresh, float(t["dpo"] - self.coef.revkl_coef * t["revkl"])
 
 
 register("comal", COMALConfig)(SAIL)

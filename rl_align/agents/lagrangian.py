@@ -1,4 +1,4 @@
-"""The Lagrangian layer for constrained RL, shared by every agent (DESIGN.md, "Constrained RL").
+"""The Lagrangian layer for constrained RL, shared by every agent (docs/design.md, "Constrained RL").
 
     max_pi J_r(pi)  s.t.  J_c(pi) <= d,      L = J_r - lam (J_c - d),  lam >= 0
 

@@ -10,10 +10,10 @@ by cross-entropy against the labels (ties are targets of 1/2), and hands PPO the
 normalized by its running statistics, minus an optional InstructGPT-style reverse-KL penalty to the
 reference (the policy it started from, ``init``):
 
-    r_t = norm(r_hat(s_t, a_t)) - kl_coef * [log pi(a_t|s_t) - log pi_ref(a_t|s_t)]
+    r_t = norm(r_hat(s_t, a_t)) - revkl_coef * [log pi(a_t|s_t) - log pi_ref(a_t|s_t)]
 
 (a per-step sample of KL(pi || pi_ref), so "implicit vs explicit reward under the same reverse KL" is one
-comparison with SAIL-RevKL). Composition, not a subclass: ``algo: rlhf`` is the PPO agent whose reward
+comparison with SAIL-RevKL, whose coefficient has the same name; docs/design.md, "RLHF"). Composition, not a subclass: ``algo: rlhf`` is the PPO agent whose reward
 component is :class:`LearnedReward` (built by ``RLHFConfig.reward_component``). The true reward reaches
 the agent only through the oracle's labels.
 """
@@ -48,20 +48,24 @@ class RLHFConfig(PPOConfig):
     rm_lr: float = 3e-4
     rm_batch: int = 64
     holdout_every: int = 10  # every k-th labelled pair is held out to measure the model's accuracy
-    kl_coef: float = 0.0  # per-step reverse-KL penalty to pi_ref (the init policy), InstructGPT-style
+    revkl_coef: float = 0.0  # per-step reverse-KL penalty to pi_ref (the init policy), InstructGPT-style
+    kl_coef: float | None = None  # removed: the reverse-KL coefficient is revkl_coef in every agent (kept so that setting it says so)
     ref_agent: str = "ppo"  # preset that trains the reference when init is auto
     ref_steps: int = 50_000  # env steps of that reference's PPO run
     win_rate_episodes: int = 4  # matched rollouts per evaluation for the win rate against pi_ref
 
     def __post_init__(self) -> None:
+        if self.kl_coef is not None:
+            raise UserError(f"agent.kl_coef is agent.revkl_coef (the reverse-KL penalty to pi_ref has one name in every agent); "
+                            f"use --set agent.revkl_coef={self.kl_coef:g}")
         super().__post_init__()
         if self.segment_len < 1 or self.segment_len > self.n_steps:
             raise UserError(f"agent.segment_len={self.segment_len} must be between 1 and agent.n_steps={self.n_steps}")
         for k in ("queries_per_update", "rm_ensemble", "rm_epochs", "rm_batch", "holdout_every"):
             if getattr(self, k) < 1:
                 raise UserError(f"agent.{k} must be >= 1, got {getattr(self, k)}")
-        if self.kl_coef < 0:
-            raise UserError(f"agent.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.revkl_coef < 0:
+            raise UserError(f"agent.revkl_coef must be >= 0, got {self.revkl_coef}")
         if self.rm_lr <= 0:
             raise UserError(f"agent.rm_lr must be > 0, got {self.rm_lr}")
 
@@ -193,13 +197,13 @@ class LearnedReward:
 
     def rewards(self, agent) -> np.ndarray:
         """The learned reward for every step of the rollout, ``[T, N]``, normalized by its running
-        statistics, minus ``kl_coef`` times the sampled log-ratio to pi_ref."""
+        statistics, minus ``revkl_coef`` times the sampled log-ratio to pi_ref."""
         buf = agent.buffer
         with torch.no_grad():
             rhat = self.model(torch.as_tensor(buf.obs, device=agent.device), torch.as_tensor(buf.actions, device=agent.device)).cpu().numpy()
         self.rhat_rms.update(rhat.reshape(-1))
         r = np.clip((rhat - self.rhat_rms.mean) / np.sqrt(self.rhat_rms.var + 1e-8), -10, 10)
-        return r - self.config.kl_coef * self.log_ratio
+        return r - self.config.revkl_coef * self.log_ratio
 
 
 register("rlhf", RLHFConfig)(PPO)

@@ -1,4 +1,4 @@
-"""``make_env``: any Gymnasium MuJoCo task id -> CostWrapper -> (vector env). See DESIGN.md, Environments."""
+"""``make_env``: any Gymnasium MuJoCo task id -> CostWrapper -> (vector env). See docs/design.md, "Environments"."""
 
 from __future__ import annotations
 

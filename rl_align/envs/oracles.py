@@ -1,8 +1,10 @@
 """Preference oracles: label pairs of segments. Only oracles read the true reward.
 
 A label is ``1.0`` (first segment preferred), ``0.0`` (second), ``0.5`` (tie) or ``nan`` (skipped,
-or not asked because the query budget is spent). Segments arrive as objects with fields
-``rewards [M, H]``, ``features [M, H, 3]`` (x-velocity, torso height, ``||a||^2``), ``obs``, ``actions``.
+or not asked because the query budget is spent). Segments arrive as :class:`rl_align.buffer.Segments`
+everywhere (training, the win rate, a label store's pairs): ``rewards [M, H]``, ``features [M, H, 3]``
+(x-velocity, torso height, ``||a||^2``), ``mask [M, H]``, ``obs``, ``raw_obs``, ``actions`` and the rest
+of its fields. A user score or feature function that raises stops the run with one line naming it.
 
 The ``human`` kind labels nothing itself: a person (or the synthetic labeller) answers pairs queued in a
 label store (rl_align/labels), and the agents read what has arrived through ``Oracle.feed``.
@@ -24,7 +26,7 @@ SCORES = ("reward", "forward", "backward")
 
 @dataclass
 class OracleConfig:
-    """Which teacher labels segment pairs. See DESIGN.md, "Preference oracle"."""
+    """Which teacher labels segment pairs. See docs/design.md, "Preference oracle"."""
 
     kind: str = "bradley-terry"  # bradley-terry | general | human
     score: str = "reward"  # reward | forward | backward | package.module:function (segments -> [M])
@@ -95,7 +97,7 @@ class Oracle:
     def returns(self, seg: Any) -> np.ndarray:
         """Discounted segment score ``R = sum_k g^(H-1-k) r_k``, ``[M]``."""
         if self._user_score is not None:
-            return np.asarray(self._user_score(seg), dtype=np.float64)
+            return self._call_user(self._user_score, self.config.score, "oracle score", seg)
         if self.config.score == "reward":
             per_step = seg.rewards
         else:
@@ -105,10 +107,20 @@ class Oracle:
         weights = self.config.discount ** np.arange(H - 1, -1, -1, dtype=np.float64)
         return np.asarray(per_step, dtype=np.float64) @ weights
 
+    @staticmethod
+    def _call_user(fn, path: str, what: str, seg: Any) -> np.ndarray:
+        """``fn(seg)`` as float64; an exception inside it becomes one line naming the function and the error."""
+        try:
+            return np.asarray(fn(seg), dtype=np.float64)
+        except Exception as exc:  # the user's code: any error is theirs to fix, shown without our traceback
+            first = (str(exc).strip().splitlines() or [""])[0]
+            fields = ", ".join(getattr(seg, "__dataclass_fields__", ()))
+            raise UserError(f"the {what} {path} raised {type(exc).__name__}: {first} (segments have the fields {fields})") from None
+
     def features(self, seg: Any) -> np.ndarray:
         """Normalized segment features ``z(s)``, ``[M, F]`` (x-velocity, height, -control effort)."""
         if self._user_features is not None:
-            return np.asarray(self._user_features(seg), dtype=np.float64)
+            return self._call_user(self._user_features, self.config.features, "oracle features", seg)
         mask = getattr(seg, "mask", None)  # segments padded after a fall average only their real steps
         w = np.ones(np.shape(seg.features)[:-1]) if mask is None else np.asarray(mask, dtype=np.float64)
         f = (np.asarray(seg.features, dtype=np.float64) * w[..., None]).sum(axis=-2) / np.maximum(w.sum(-1), 1)[..., None]

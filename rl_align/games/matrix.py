@@ -1,4 +1,4 @@
-"""Exact preference matrix games: ``A[i, j] = P(y_i > y_j)``, ``A + A^T = 1`` (DESIGN.md, "Games").
+"""Exact preference matrix games: ``A[i, j] = P(y_i > y_j)``, ``A + A^T = 1`` (docs/design.md, "Games").
 
 The Nash policy ``pi*`` of the symmetric game maximizes ``min_j (pi^T A)_j`` (a linear program the lab
 solves itself); every algorithm returns its iterates so that ``KL(pi* || pi_t)`` and the duality gap

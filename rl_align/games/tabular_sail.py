@@ -1,5 +1,5 @@
 """Tabular SAIL vs SAIL-RevKL: exact objective, gradient and Hessian of a softmax policy over ``K``
-responses (DESIGN.md, "SAIL" and "PL-gap diagnostics"; no sampling anywhere).
+responses (docs/design.md, "SAIL, SAIL-RevKL and online DPO" and "PL-gap diagnostics"; no sampling anywhere).
 
     J(theta) = sum_{a,b} pi(a) pi(b) [A_ab log sig(h_a - h_b) + A_ba log sig(h_b - h_a)] - lam KL(pi || pi_ref)
     h_y = beta log(pi(y) / pi_ref(y))
@@ -47,7 +47,7 @@ def objective(theta: torch.Tensor, A: torch.Tensor, ref: torch.Tensor, beta: flo
 
 
 def gradient_parts(theta: torch.Tensor, A: torch.Tensor, ref: torch.Tensor, beta: float, lam: float) -> dict[str, torch.Tensor]:
-    """The SAIL gradient split as in DESIGN.md, each part exact (``[K-1]`` tensors):
+    """The SAIL gradient split as in docs/design.md ("SAIL, SAIL-RevKL and online DPO"), each part exact (``[K-1]`` tensors):
     ``dpo = sum_ab pi_a pi_b grad l_ab`` (pairs held fixed), ``shift = sum_ab pi_a pi_b (l_ab - b)
     (grad log pi_a + grad log pi_b)`` with baseline ``b = E[l]`` (the pairs' own distribution moves), and
     ``revkl = -lam grad KL(pi || pi_ref)``; their sum is ``grad J``."""

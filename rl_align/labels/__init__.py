@@ -1,5 +1,5 @@
 """Human preferences: a label store in SQLite, a local labelling page, and the paths by which agents
-learn from what a person clicked (DESIGN.md, "Preference oracle"; the ``human`` oracle kind).
+learn from what a person clicked (docs/design.md, "Human labels"; the ``human`` oracle kind).
 
 - :mod:`rl_align.labels.store`: one SQLite file per labelling project (WAL, transactional writes);
 - :mod:`rl_align.labels.render`: clips of stored segments, offscreen with the renderer ``rl-align eval --video`` uses;

@@ -100,8 +100,13 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
+# the words after ``rl-align label`` that name a sub-command (anything else is a store to serve)
+SUBCOMMANDS = {"collect": collect_parser, "answer": answer_parser}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("label", help="label pairs of clips yourself: the page, collect, answer",
-                       description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+                       description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="STORE | collect | answer ...",
+                   help="a label store to serve, or a sub-command (each takes -h)")
     p.set_defaults(func=_label)

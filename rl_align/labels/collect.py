@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
+from rl_align.buffer import Segments
 from rl_align.envs.oracles import Oracle, OracleConfig
 from rl_align.errors import UserError
 from rl_align.labels.store import SEGMENT_FIELDS, LabelStore
@@ -95,8 +95,9 @@ def collect_pairs(run: Path, store_path: Path, n_pairs: int, segment_len: int | 
     return store
 
 
-def _segments(side: dict[str, np.ndarray]) -> SimpleNamespace:
-    return SimpleNamespace(**{f: side[f][None] for f in SEGMENT_FIELDS})
+def _segments(side: dict[str, np.ndarray]) -> Segments:
+    """One stored segment as a batch of one :class:`Segments` (the store keeps raw observations)."""
+    return Segments.of(raw_obs=side["obs"][None], **{f: side[f][None] for f in SEGMENT_FIELDS if f != "obs"})
 
 
 def answer_queued(store: LabelStore, oracle: Oracle, labeller: str, interval: float = 0.0, limit: int | None = None,

@@ -5,7 +5,7 @@ A person labels late and slowly, so nothing here waits: each update reads the la
 pairs of the current rollout for labelling, spending the oracle's query budget.
 
 - The SAIL family's DPO part, ``E[log sigmoid(h_w - h_l)]`` with
-  ``h(s) = beta * sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)]`` (DESIGN.md, "SAIL"), runs on stored
+  ``h(s) = beta * sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)]`` (docs/design.md, "SAIL, SAIL-RevKL and online DPO"), runs on stored
   labelled pairs (the newest first, then a uniform sample of the older ones), with the reverse KL on their
   states. The shift part is on-policy by definition and a person's labels are of earlier policies, so it is
   off: with a label store the agent is offline / asynchronous DPO(-RevKL).
@@ -17,11 +17,11 @@ a pair are those of the policy that collected it), and states are normalized by 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 
+from rl_align.agents.preferences import PreferenceBatch
+from rl_align.buffer import Segments
 from rl_align.errors import UserError
 from rl_align.labels.store import SEGMENT_FIELDS
 
@@ -52,6 +52,12 @@ def post_rollout_pairs(agent, segment_len: int) -> int:
     return len(ids)
 
 
+def stored_segments(side: dict[str, np.ndarray], rows: np.ndarray) -> Segments:
+    """Rows of one side of the store's pairs as :class:`Segments` (what an oracle score is handed everywhere;
+    the store keeps raw observations)."""
+    return Segments.of(raw_obs=side["obs"][rows], **{f: side[f][rows] for f in SEGMENT_FIELDS if f != "obs"})
+
+
 def check_segment_len(agent) -> None:
     """The store's segments and the agent's must have one length (the reward model and ``h`` sum over it)."""
     H = agent.oracle.feed.store.segment_len
@@ -59,13 +65,12 @@ def check_segment_len(agent) -> None:
         raise UserError(f"the label store {agent.oracle.feed.store.path} holds {H}-step segments; set agent.segment_len={H}")
 
 
-def sail_batch(agent) -> dict | None:
-    """The SAIL family's batch from the store, in the shape of ``SAIL._batch``'s (``offline`` marks it: no
-    shift part): up to ``pairs_per_update`` decided (left / right) pairs, those labelled since the last
+def sail_batch(agent) -> PreferenceBatch | None:
+    """The SAIL family's batch from the store, off-policy (``on_policy=False``: no shift part): up to ``pairs_per_update`` decided (left / right) pairs, those labelled since the last
     update first. ``old_logp`` is the current policy's, so the approximate KL measures this update's move."""
     c, oracle = agent.config, agent.oracle
     check_segment_len(agent)
-    posted = post_rollout_pairs(agent, c.segment_len)
+    post_rollout_pairs(agent, c.segment_len)
     n_new = oracle.feed.poll()
     d = oracle.feed.data
     labels = d["label"]
@@ -86,11 +91,11 @@ def sail_batch(agent) -> dict | None:
         ref_logp = agent.ref_policy.log_prob(obs, act) * mask
         old_logp = agent.policy.log_prob(obs, act) * mask
     lab = labels[pick]
-    sel = lambda side: SimpleNamespace(**{f: side[f][pick] for f in SEGMENT_FIELDS})  # noqa: E731
-    return {"obs": obs, "actions": act, "mask": mask, "old_logp": old_logp, "ref_logp": ref_logp,
-            "i": torch.arange(P, device=agent.device), "j": torch.arange(P, 2 * P, device=agent.device), "pref1": t(lab),
-            "n_labels": int(n_new), "n_ties": int((labels[len(labels) - n_new:] == 0.5).sum()), "posted": posted,
-            "oracle_agreement": oracle.agreement(sel(first), sel(second), lab), "offline": True}
+    sel = lambda side: stored_segments(side, pick)  # noqa: E731
+    return PreferenceBatch(obs=obs, actions=act, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
+                           i=torch.arange(P, device=agent.device), j=torch.arange(P, 2 * P, device=agent.device), pref1=t(lab),
+                           on_policy=False, n_labels=int(n_new), n_ties=int((labels[len(labels) - n_new:] == 0.5).sum()),
+                           oracle_agreement=oracle.agreement(sel(first), sel(second), lab))
 
 
 def rlhf_preferences(agent, reward) -> dict[str, float]:
@@ -111,7 +116,7 @@ def rlhf_preferences(agent, reward) -> dict[str, float]:
     new = {"obs1": first["obs"][rows], "act1": first["actions"][rows], "mask1": first["mask"][rows].astype(np.float32),
            "obs2": second["obs"][rows], "act2": second["actions"][rows], "mask2": second["mask"][rows].astype(np.float32),
            "label": d["label"][rows].astype(np.float32)}
-    sel = lambda side: SimpleNamespace(**{f: side[f][rows] for f in SEGMENT_FIELDS})  # noqa: E731
+    sel = lambda side: stored_segments(side, rows)  # noqa: E731
     m["pref/oracle_agreement"] = oracle.agreement(sel(first), sel(second), d["label"][rows])
     m["pref/heldout_accuracy"] = reward.model.accuracy(*reward._tensors(agent, new, np.ones(len(rows), bool)))
     for k, v in new.items():
