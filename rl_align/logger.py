@@ -11,6 +11,7 @@ import io
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,13 +80,31 @@ class CSVOutput:
         pass
 
 
+def _quiet_writer_thread(args) -> None:
+    """TensorBoard writes events from a thread of its own; an OS error there (a full disk) is raised again in
+    the thread that logs, which reports it in one line, so the thread's own traceback is not printed."""
+    if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+        _thread_hook(args)
+
+
+_thread_hook = threading.excepthook
+
+
 class TensorBoardOutput:
     def __init__(self, log_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported where used: optional weight
 
+        threading.excepthook = _quiet_writer_thread
         self.writer = SummaryWriter(str(log_dir))
+        self.log_dir = log_dir
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        try:
+            self._write(step, scalars)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, exc.filename or str(self.log_dir)) from None
+
+    def _write(self, step: int, scalars: dict[str, float]) -> None:
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
