@@ -178,7 +178,7 @@ def create_app(store: LabelStore, labeller: str, token: str | None = None, allow
         async def dispatch(self, request, call_next):
             if not allow_remote and not is_loopback(request.client.host if request.client else None):
                 return PlainTextResponse("this labelling page only serves this machine (start it with --host to share it)", 403)
-            if token is not None and not secrets.compare_digest(request.query_params.get("token", ""), token):
+            if token is not None and not secrets.compare_digest(request.query_params.get("token", "").encode(), token.encode()):  # bytes: any token
                 return PlainTextResponse("missing or wrong ?token=", 401)
             return await call_next(request)
 

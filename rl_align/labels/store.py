@@ -90,13 +90,20 @@ def explain(path: Path, exc: sqlite3.Error) -> UserError:
                                 f"({exc}); copy the store to a writable folder")
     if code in (3, 8) or (code == 14 and path.exists() and not os.access(path, os.R_OK | os.W_OK)):
         return StoreUnavailable(f"{path} cannot be written ({exc}); check its permissions or copy it to a writable folder")
-    if code == 13:  # SQLITE_FULL
-        return StoreUnavailable(f"{path}: the disk is full ({exc}); free some space, then retry")
+    if code == 13 or (code == 10 and _no_space(folder)):  # SQLITE_FULL, or an I/O error that is a full disk (tmpfs)
+        return StoreUnavailable(f"{path}: the disk is full ({getattr(exc, 'sqlite_errorname', '')}: {exc}); free some space, then retry")
     if code in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
         return StoreUnavailable(f"{path} stayed locked by another process for 30 s ({exc}); retry when it is done")
     if code == 10:  # SQLITE_IOERR
         return StoreUnavailable(f"{path}: disk I/O error ({exc}); check the disk, then retry")
     return StoreUnavailable(f"{path}: SQLite cannot use it ({exc})")
+
+
+def _no_space(folder: Path) -> bool:
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
 
 
 def holder(labeller: str, client: str = "") -> str:
