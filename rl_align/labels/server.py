@@ -34,7 +34,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from rl_align.errors import UserError
-from rl_align.labels.store import CHOICES, AnswerConflict, LabelStore, StoreUnavailable
+from rl_align.labels.store import CHOICES, AnswerConflict, LabelStore, UnknownPair
 
 STATIC = Path(__file__).parent / "static"
 CLIP_NAME = re.compile(r"^\d+\.webm$")
@@ -78,8 +78,9 @@ async def read_answer(request) -> dict:
     """The JSON object of a POST, at most ``MAX_BODY`` bytes: ``id`` (an integer in 1..MAX_ID), ``choice``, and
     optionally ``client`` (the page's id) and ``change`` (true to replace one's own earlier answer)."""
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-        raise BadRequest(413 if length.isdigit() else 400, f"a request body is at most {MAX_BODY} bytes")
+    digits = length is not None and length.isascii() and length.isdigit()
+    if length is not None and (not digits or int(length) > MAX_BODY):
+        raise BadRequest(413 if digits else 400, f"a request body is at most {MAX_BODY} bytes")
     body = b""
     async for chunk in request.stream():
         body += chunk
@@ -214,10 +215,10 @@ def create_app(store: LabelStore, labeller: str, token: str | None = None, allow
                 return await handler(request, run_in_threadpool)
             except BadRequest as exc:
                 return JSONResponse({"error": str(exc)}, exc.status)
-            except StoreUnavailable as exc:
-                return JSONResponse({"error": str(exc)}, 503)
-            except UserError as exc:  # an unknown pair
+            except UnknownPair as exc:
                 return JSONResponse({"error": str(exc)}, 400)
+            except UserError as exc:  # the store cannot be written (a full disk), clips cannot be rendered here
+                return JSONResponse({"error": str(exc)}, 503)
 
         return endpoint
 

@@ -75,6 +75,10 @@ class AnswerConflict(UserError):
     """An answer to a pair whose counting answer is someone else's (or one's own, without ``change``)."""
 
 
+class UnknownPair(UserError):
+    """An answer to a pair id the store does not hold."""
+
+
 class StoreUnavailable(UserError):
     """The store's file cannot be used now: a read-only folder, a full disk, a lock held too long, an I/O error."""
 
@@ -261,7 +265,7 @@ class LabelStore:
             self._share(db)
             row = db.execute("SELECT label, labeller FROM pairs WHERE id = ?", (int(pair_id),)).fetchone()
             if row is None:
-                raise UserError(f"no pair {pair_id} in {self.path}")
+                raise UnknownPair(f"no pair {pair_id} in {self.path}")
             if row[0] is not None:
                 last = db.execute("SELECT labeller, client FROM answers WHERE pair_id = ? ORDER BY id DESC LIMIT 1", (int(pair_id),)).fetchone()
                 by = holder(*last) if last else row[1]
