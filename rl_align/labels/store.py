@@ -103,6 +103,10 @@ def explain(path: Path, exc: sqlite3.Error) -> UserError:
     return StoreUnavailable(f"{path}: SQLite cannot use it ({exc})")
 
 
+def _pair(r: tuple) -> dict:
+    return {"id": r[0], "seg1": r[1], "seg2": r[2], "clip1": r[3], "clip2": r[4]}
+
+
 def _no_space(folder: Path) -> bool:
     try:
         return os.statvfs(folder).f_bavail == 0
@@ -258,47 +262,65 @@ class LabelStore:
         the pair's lease. The first answer counts: an answer to a pair someone else answered raises
         :class:`AnswerConflict`, as does a different answer of the same labeller and client without ``change``.
         Returns False when the answer is the one already counted (a retried request), True when stored."""
+        return self.answer_and_claim(pair_id, choice, labeller, client, change, lease=None)[0]
+
+    def answer_and_claim(self, pair_id: int, choice: str, labeller: str, client: str = "", change: bool = False,
+                         lease: float | None = 120.0) -> tuple[bool, dict | None]:
+        """:meth:`set_label`, then (unless ``lease`` is None) :meth:`claim` of the next pair, in one transaction:
+        one disk sync per answer. Returns ``(stored, next pair or None)``."""
         if choice not in CHOICES:
             raise UserError(f"label {choice!r} is not one of {', '.join(CHOICES)}")
         who, now = holder(labeller, client), time.time()
         with self._transaction() as db:
             self._share(db)
-            row = db.execute("SELECT label, labeller FROM pairs WHERE id = ?", (int(pair_id),)).fetchone()
-            if row is None:
-                raise UnknownPair(f"no pair {pair_id} in {self.path}")
-            if row[0] is not None:
-                last = db.execute("SELECT labeller, client FROM answers WHERE pair_id = ? ORDER BY id DESC LIMIT 1", (int(pair_id),)).fetchone()
-                by = holder(*last) if last else row[1]
-                if by != who:
-                    other = f"{row[1]} (another client)" if row[1] == labeller else row[1]
-                    raise AnswerConflict(f"pair {pair_id} was already answered by {other}; its answer counts")
-                if row[0] == choice:
-                    return False
-                if not change:
-                    raise AnswerConflict(f"pair {pair_id} already has your answer {row[0]!r}; send change=true to replace it")
-            seq = db.execute("SELECT COALESCE(MAX(label_seq), 0) + 1 FROM pairs").fetchone()[0]
-            db.execute("UPDATE pairs SET label = ?, labeller = ?, labelled_at = ?, label_seq = ? WHERE id = ?",
-                       (choice, labeller, now, seq, int(pair_id)))
-            db.execute("INSERT INTO answers (pair_id, label, labeller, client, at) VALUES (?, ?, ?, ?, ?)",
-                       (int(pair_id), choice, labeller, client, now))
-            db.execute("DELETE FROM leases WHERE pair_id = ?", (int(pair_id),))
+            stored = self._answer(db, int(pair_id), choice, labeller, client, change, now)
+            return stored, (self._claim(db, who, now, lease) if lease is not None else None)
+
+    def _answer(self, db, pair_id: int, choice: str, labeller: str, client: str, change: bool, now: float) -> bool:
+        row = db.execute("SELECT label, labeller FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+        if row is None:
+            raise UnknownPair(f"no pair {pair_id} in {self.path}")
+        if row[0] is not None:
+            last = db.execute("SELECT labeller, client FROM answers WHERE pair_id = ? ORDER BY id DESC LIMIT 1", (pair_id,)).fetchone()
+            if (holder(*last) if last else row[1]) != holder(labeller, client):
+                other = f"{row[1]} (another client)" if row[1] == labeller else row[1]
+                raise AnswerConflict(f"pair {pair_id} was already answered by {other}; its answer counts")
+            if row[0] == choice:
+                return False
+            if not change:
+                raise AnswerConflict(f"pair {pair_id} already has your answer {row[0]!r}; send change=true to replace it")
+        seq = db.execute("SELECT COALESCE(MAX(label_seq), 0) + 1 FROM pairs").fetchone()[0]
+        db.execute("UPDATE pairs SET label = ?, labeller = ?, labelled_at = ?, label_seq = ? WHERE id = ?", (choice, labeller, now, seq, pair_id))
+        db.execute("INSERT INTO answers (pair_id, label, labeller, client, at) VALUES (?, ?, ?, ?, ?)", (pair_id, choice, labeller, client, now))
+        db.execute("DELETE FROM leases WHERE pair_id = ?", (pair_id,))
         return True
 
     def claim(self, labeller: str, client: str = "", lease: float = 120.0) -> dict | None:
-        """The unlabelled pair this labeller and client hold, its lease renewed for ``lease`` seconds; else the
-        oldest unlabelled pair nobody holds, now leased to them; None when every queued pair is held or none is left.
-        Returns ``id``, ``seg1``, ``seg2`` and the clip paths, as :meth:`queued`."""
+        """The unlabelled pair this labeller and client hold, its lease renewed for ``lease`` seconds (unless more
+        than half of it is left: then nothing is written); else the oldest unlabelled pair nobody holds, now leased
+        to them; None when every queued pair is held or none is left. Returns ``id``, ``seg1``, ``seg2`` and the
+        clip paths, as :meth:`queued`."""
         who, now = holder(labeller, client), time.time()
+        if self.sharing:
+            with self._connect() as db:
+                r = db.execute(_PAIR_SQL + " AND p.id IN (SELECT pair_id FROM leases WHERE holder = ? AND until > ?) ORDER BY p.id LIMIT 1",
+                               (who, now + lease / 2)).fetchone()
+            if r is not None:
+                return _pair(r)
         with self._transaction() as db:
             self._share(db)
-            db.execute("DELETE FROM leases WHERE until <= ?", (now,))
-            r = db.execute(_PAIR_SQL + " AND p.id IN (SELECT pair_id FROM leases WHERE holder = ?) ORDER BY p.id LIMIT 1", (who,)).fetchone()
-            if r is None:
-                r = db.execute(_PAIR_SQL + " AND p.id NOT IN (SELECT pair_id FROM leases) ORDER BY p.id LIMIT 1").fetchone()
-            if r is None:
-                return None
-            db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (r[0], who, now + lease))
-        return {"id": r[0], "seg1": r[1], "seg2": r[2], "clip1": r[3], "clip2": r[4]}
+            return self._claim(db, who, now, lease)
+
+    @staticmethod
+    def _claim(db, who: str, now: float, lease: float) -> dict | None:
+        db.execute("DELETE FROM leases WHERE until <= ?", (now,))
+        r = db.execute(_PAIR_SQL + " AND p.id IN (SELECT pair_id FROM leases WHERE holder = ?) ORDER BY p.id LIMIT 1", (who,)).fetchone()
+        if r is None:
+            r = db.execute(_PAIR_SQL + " AND p.id NOT IN (SELECT pair_id FROM leases) ORDER BY p.id LIMIT 1").fetchone()
+        if r is None:
+            return None
+        db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (r[0], who, now + lease))
+        return _pair(r)
 
     def release(self, pair_id: int, labeller: str, client: str = "") -> None:
         """End this labeller's lease on a pair without answering (a closed page), so others get it at once."""
@@ -323,7 +345,7 @@ class LabelStore:
         sql = _PAIR_SQL + (f" AND p.id NOT IN ({marks})" if exclude else "") + " ORDER BY p.id LIMIT ?"
         with self._connect() as db:
             rows = db.execute(sql, (*map(int, exclude), int(limit))).fetchall()
-        return [{"id": r[0], "seg1": r[1], "seg2": r[2], "clip1": r[3], "clip2": r[4]} for r in rows]
+        return [_pair(r) for r in rows]
 
     def pair(self, pair_id: int) -> dict | None:
         with self._connect() as db:
