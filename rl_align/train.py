@@ -172,7 +172,8 @@ def resume(folder: Path, quiet: bool = False) -> tuple[Path, dict]:
 def train(cfg: RunConfig, folder: Path | None = None, quiet: bool = False, resume: bool = False) -> tuple[Path, dict]:
     """Train ``cfg`` into a new run folder (or ``folder``); returns ``(folder, summary)``. With
     ``resume``, continue ``folder`` from its last checkpoint exactly as if never stopped.
-    Everything that can fail on bad input is built before the folder is made. SIGINT / SIGTERM are
+    Everything that can fail on bad input is built before the folder is made, and the folder is locked
+    for this process (:class:`RunFolderLock`) before any log or checkpoint is written. SIGINT / SIGTERM are
     deferred from the start to the end of the current iteration (see :class:`Interrupted`)."""
     with DeferredSignals("run") as stop, RunFolderLock() as lock:
         try:
