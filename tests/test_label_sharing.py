@@ -146,6 +146,10 @@ def test_leases_409_and_an_explicit_change(tmp_path):
         assert b.next()[1]["pair"]["id"] == 2
     finally:
         assert "Traceback" not in server.stop()
+    import sqlite3
+
+    assert sqlite3.connect(store.path).execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 0  # a stopped page (SIGTERM) holds no pair
+    assert store.claim("cli", "x")["id"] == 2
 
 
 @pytest.mark.parametrize("body, status", [

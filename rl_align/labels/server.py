@@ -27,6 +27,7 @@ import json
 import queue
 import re
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -273,7 +274,8 @@ def serve(store_path: Path, host: str = "127.0.0.1", port: int = 8765, token: st
     if token is not None and not token:
         raise UserError("--token must not be empty")
     family, proto, sockaddr, local = listen_address(host, port)
-    app = create_app(store, labeller or f"{getpass.getuser()}@page", token, allow_remote=not local, prefetch=prefetch, size=size, lease=lease)
+    labeller = labeller or f"{getpass.getuser()}@page"
+    app = create_app(store, labeller, token, allow_remote=not local, prefetch=prefetch, size=size, lease=lease)
     try:
         # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it every reply on a
         # kept-alive connection waited ~40 ms for the browser's delayed ACK (measured: 44 ms -> 0.5 ms a request)
@@ -291,4 +293,12 @@ def serve(store_path: Path, host: str = "127.0.0.1", port: int = 8765, token: st
     if not local and token is None:
         print(f"warning: listening on {host} without --token: anyone who reaches this address can label", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", lifespan="off")
-    uvicorn.Server(config).run(sockets=[sock])
+    if threading.current_thread() is threading.main_thread():  # uvicorn re-raises SIGTERM after its shutdown: end like Ctrl-C
+        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:  # a stopped page holds no pair: `label answer` or another page may take its pairs at once
+        try:
+            store.release_all(labeller)
+        except UserError:
+            pass

@@ -332,6 +332,13 @@ class LabelStore:
         with self._transaction() as db:
             db.execute("UPDATE segments SET clip = ? WHERE id = ?", (clip, int(segment_id)))
 
+    def release_all(self, labeller: str) -> int:
+        """End every lease of ``labeller`` on any client (a page server that stops); returns how many."""
+        with self._transaction() as db:
+            self._share(db)
+            return db.execute("DELETE FROM leases WHERE holder = ? OR substr(holder, 1, ?) = ?",
+                              (labeller, len(labeller) + 1, labeller + "#")).rowcount
+
     # ---- reading ------------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         """``labelled`` (skips included), ``queued`` (waiting for a label) and ``total`` pairs."""
