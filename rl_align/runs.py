@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -148,9 +149,13 @@ def create_run_folder(cfg: RunConfig, root: Path | None = None) -> Path:
             break
         except FileExistsError:
             folder, k = base.with_name(f"{base.name}-{k}"), k + 1
-    (folder / "checkpoints").mkdir()
-    write_text_atomic(folder / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_text_atomic(folder / "versions.json", json.dumps(versions(), indent=2))
+    try:
+        (folder / "checkpoints").mkdir()
+        write_text_atomic(folder / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(folder / "versions.json", json.dumps(versions(), indent=2))
+    except OSError:  # a full disk: no half-made run folder is left behind
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
 
 

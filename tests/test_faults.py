@@ -98,6 +98,16 @@ def test_a_read_only_output_folder_is_one_line_exit_2(tmp_path):
     assert not list(ro.iterdir())
 
 
+def test_a_full_disk_before_the_run_is_one_line_exit_2_and_leaves_no_run_folder(tmp_path):
+    disk = tmp_path / "disk"
+    args = cli_args(disk / "runs", 256)[3:]
+    r = in_namespace(f"import glob; tmpfs({str(disk)!r}, '64k'); fill({str(disk)!r}); print((cli(*{args!r}), glob.glob({str(disk)!r} + '/runs/*/*/*')))")
+    assert r.returncode == 0, r.stderr
+    (code, err), folders = eval(r.stdout.strip().splitlines()[-1])
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0] and str(disk / "runs") in err[0], err
+    assert folders == []
+
+
 _FULL = """
 import glob, json, signal, time
 disk = {disk!r}
