@@ -212,7 +212,7 @@ class LabelStore:
                 yield db
             finally:
                 db.close()
-        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+        except sqlite3.DatabaseError as exc:  # OperationalError included; IntegrityError is a bug, raised as is
             if isinstance(exc, sqlite3.IntegrityError):
                 raise
             raise explain(self.path, exc) from None
