@@ -1,4 +1,5 @@
-"""The ``rl-align`` command. User mistakes print one line and exit 2; no tracebacks for them."""
+"""The ``rl-align`` command. User mistakes and disk faults print one line and exit 2 (1 for a disk fault mid-run);
+no tracebacks for them."""
 
 from __future__ import annotations
 
@@ -85,16 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from rl_align.train import Interrupted
+    from rl_align.checkpoints import DISK_ERRNOS, disk_message
+    from rl_align.train import DiskFault, Interrupted
 
     try:
         return int(args.func(args) or 0)
     except Interrupted as exc:
         print(f"rl-align: interrupted: {exc}", file=sys.stderr)
         return exc.exit_code
+    except DiskFault as exc:
+        print(f"rl-align: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except UserError as exc:
         print(f"rl-align: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only folder, a full disk: before anything ran, nothing is half-written
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        print(f"rl-align: error: {disk_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rl-align: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

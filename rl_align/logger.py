@@ -7,8 +7,11 @@ layer), ``rlhf/`` (the reward model), ``comal/`` (the outer loop), ``human/`` (a
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,30 +30,81 @@ class CSVOutput:
                 self.rows = list(reader)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        """Append one row, or rewrite the file (to a temporary one, then renamed) when the header grows; a
+        failed write (a full disk) leaves the file as it was and raises an ``OSError`` naming it."""
         row = {"step": step, **scalars}
         new = [k for k in row if k not in self.keys]
-        self.rows.append(row)
         if new or not self.path.exists():
+            self._rewrite(self.keys + new, self.rows + [row])
             self.keys += new
-            with self.path.open("w", newline="") as f:  # rewrite with the grown header
-                writer = csv.DictWriter(f, fieldnames=self.keys)
-                writer.writeheader()
-                writer.writerows(self.rows)
         else:
-            with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.keys).writerow(row)
+            self._append(self._lines(self.keys, [row], header=False))
+        self.rows.append(row)
+
+    @staticmethod
+    def _lines(keys: list[str], rows: list[dict], header: bool) -> bytes:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue().encode("utf-8")
+
+    def _rewrite(self, keys: list[str], rows: list[dict]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_bytes(self._lines(keys, rows, header=True))
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+            raise
+
+    def _append(self, data: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except BaseException as exc:
+                os.ftruncate(fd, size)  # no half row: shrinking needs no space
+                if isinstance(exc, OSError):
+                    raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+                raise
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         pass
+
+
+def _quiet_writer_thread(args) -> None:
+    """TensorBoard writes events from a thread of its own; an OS error there (a full disk) is raised again in
+    the thread that logs, which reports it in one line, so the thread's own traceback is not printed."""
+    if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+        _thread_hook(args)
+
+
+_thread_hook = threading.excepthook
 
 
 class TensorBoardOutput:
     def __init__(self, log_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported where used: optional weight
 
+        threading.excepthook = _quiet_writer_thread
         self.writer = SummaryWriter(str(log_dir))
+        self.log_dir = log_dir
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        try:
+            self._write(step, scalars)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, exc.filename or str(self.log_dir)) from None
+
+    def _write(self, step: int, scalars: dict[str, float]) -> None:
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, step)
         self.writer.flush()

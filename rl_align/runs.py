@@ -2,14 +2,18 @@
 
 A run folder is ``runs/<env>/<agent>/<timestamp>-s<seed>/`` holding ``config.yaml`` (resolved),
 ``versions.json``, ``progress.csv``, ``tb/`` (TensorBoard events), ``checkpoints/last.pt`` and, when
-the run ends, ``summary.json``. An existing folder is never overwritten.
+the run ends, ``summary.json``. An existing folder is never overwritten, and one process at a time writes
+a folder (:class:`RunFolderLock`, the file ``.lock`` in it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from rl_align.agents import get_agent
 from rl_align.agents.base import AgentConfig
 from rl_align.config import TrainConfig, apply_overrides, build, list_presets, load_preset, read_yaml, to_dict
 from rl_align.envs import EnvConfig, Oracle, check_task, make_vec_env, require_cost
-from rl_align.checkpoints import write_text_atomic
+from rl_align.checkpoints import disk_message, write_text_atomic
 from rl_align.errors import UserError
 
 
@@ -157,7 +161,60 @@ def create_run_folder(cfg: RunConfig, root: Path | None = None) -> Path:
             break
         except FileExistsError:
             folder, k = base.with_name(f"{base.name}-{k}"), k + 1
-    (folder / "checkpoints").mkdir()
-    write_text_atomic(folder / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_text_atomic(folder / "versions.json", json.dumps(versions(), indent=2))
+    try:
+        (folder / "checkpoints").mkdir()
+        write_text_atomic(folder / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(folder / "versions.json", json.dumps(versions(), indent=2))
+    except OSError:  # a full disk: no half-made run folder is left behind
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
+
+
+class RunFolderLock:
+    """One writer per run folder: an exclusive ``flock`` on ``<folder>/.lock``, taken before the run writes
+    anything and held until :meth:`release` (the end of ``train``) or the end of the process: the OS drops
+    it on any exit, SIGKILL included, so a stale lock never blocks a resume. The file holds the holder's pid."""
+
+    NAME = ".lock"
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self._file = None
+
+    def acquire(self, folder: Path) -> None:
+        folder = Path(folder)
+        try:
+            f = open(folder / self.NAME, "a+")
+        except OSError as exc:
+            raise UserError(f"cannot lock the run folder: {disk_message(exc)}") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            f.close()
+            raise UserError(f"{folder} is being written by another rl-align process (pid {pid}); wait for it to end "
+                            f"or stop it, then run rl-align train --resume {folder}") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+        except OSError:  # a full disk: the lock holds all the same, only the pid is not recorded
+            pass
+        self.folder, self._file = folder, f
+
+    def release(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()  # closing the last descriptor drops the flock
+            except OSError:  # the pid never reached a full disk; the descriptor is closed all the same
+                pass
+            self._file = None
+
+    def __enter__(self) -> "RunFolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

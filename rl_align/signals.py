@@ -25,6 +25,11 @@ class DeferredSignals:
         self.active[self.scope] = self.active.get(self.scope, 0) + 1
         return self
 
+    @property
+    def owner(self) -> bool:
+        """Whether this scope installed the handlers (the outermost run, in the main thread)."""
+        return bool(self.previous)
+
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None and self.callback is None:
             raise KeyboardInterrupt

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from rl_align.agents.base import Agent, EpisodeTracker
-from rl_align.checkpoints import load_checkpoint, save_checkpoint, write_text_atomic
+from rl_align.checkpoints import disk_message, load_checkpoint, save_checkpoint, write_text_atomic
 from rl_align.config import PRESET_ROOT, to_dict
 from rl_align.errors import UserError
 from rl_align.evaluation import eval_metrics
 from rl_align.logger import Logger, Progress
-from rl_align.runs import RunConfig, agent_preset, build_agent, create_run_folder, from_data, load_run_config
+from rl_align.runs import RunConfig, RunFolderLock, agent_preset, build_agent, create_run_folder, from_data, load_run_config
 from rl_align.signals import DeferredSignals
 
 
@@ -100,12 +100,37 @@ def check_finite(agent: Agent, metrics: dict[str, float], step: int) -> None:
 
 
 class Interrupted(Exception):
-    """Ctrl-C / SIGTERM arrived: the current iteration was finished, a checkpoint written, logs flushed."""
+    """Ctrl-C / SIGTERM arrived: the current iteration was finished, a checkpoint written, logs flushed. With
+    ``step`` None a second one arrived while the first was handled: stopped at once, the last checkpoint stands."""
 
-    def __init__(self, signum: int, folder: Path, step: int) -> None:
+    def __init__(self, signum: int, folder: Path | None, step: int | None) -> None:
         self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
         name = signal.Signals(signum).name
-        super().__init__(f"{name} at env step {step:,}: checkpoint written; continue with: rl-align train --resume {folder}")
+        if step is not None:
+            message = f"{name} at env step {step:,}: checkpoint written; continue with: rl-align train --resume {folder}"
+        elif folder is None:
+            message = f"{name} twice: stopped before the run folder was made; nothing to resume"
+        elif not (Path(folder) / "checkpoints" / "last.pt").exists():
+            message = f"{name} twice: stopped at once, before the first checkpoint of {folder}; start the run again"
+        else:
+            message = f"{name} twice: stopped at once; continue from the last checkpoint with: rl-align train --resume {folder}"
+        super().__init__(message)
+
+
+class DiskFault(Exception):
+    """A disk fault during the run (a full disk, a read-only or failing one): one line naming the file and the
+    OS error, after a checkpoint if one could still be written; the command exits 1."""
+
+    exit_code = 1
+
+
+def _disk_fault(exc: OSError, folder: Path, checkpoint) -> DiskFault:
+    try:
+        checkpoint()
+        kept = "a checkpoint of this point was written"
+    except OSError:
+        kept = "the last checkpoint is kept" if (folder / "checkpoints" / "last.pt").exists() else "no checkpoint could be written"
+    return DiskFault(f"{disk_message(exc)}; {kept}; then continue with: rl-align train --resume {folder}")
 
 
 def _loop_checkpoint(folder: Path, agent: Agent, env_state: list | None, obs: np.ndarray, tracker: EpisodeTracker, loop: dict) -> None:
@@ -147,23 +172,34 @@ def resume(folder: Path, quiet: bool = False) -> tuple[Path, dict]:
 def train(cfg: RunConfig, folder: Path | None = None, quiet: bool = False, resume: bool = False) -> tuple[Path, dict]:
     """Train ``cfg`` into a new run folder (or ``folder``); returns ``(folder, summary)``. With
     ``resume``, continue ``folder`` from its last checkpoint exactly as if never stopped.
-    Everything that can fail on bad input is built before the folder is made. SIGINT / SIGTERM are
+    Everything that can fail on bad input is built before the folder is made, and the folder is locked
+    for this process (:class:`RunFolderLock`) before any log or checkpoint is written. SIGINT / SIGTERM are
     deferred from the start to the end of the current iteration (see :class:`Interrupted`)."""
-    with DeferredSignals("run") as stop:
-        return _train(cfg, folder, quiet, resume, stop)
+    with DeferredSignals("run") as stop, RunFolderLock() as lock:
+        try:
+            return _train(cfg, folder, quiet, resume, stop, lock)
+        except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM while the first was being handled
+            if not stop.owner:
+                raise
+            raise Interrupted(stop.signum or signal.SIGINT, lock.folder, None) from None
 
 
-def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop: DeferredSignals) -> tuple[Path, dict]:
+def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop: DeferredSignals,
+           lock: RunFolderLock) -> tuple[Path, dict]:
     agent, env = build_agent(cfg)
     prepare(agent, cfg)
+    folder = create_run_folder(cfg) if folder is None else Path(folder)
+    lock.acquire(folder)  # one writer per run folder: a second train --resume of it is refused in one line
     saved = None
     if resume:
+        if (folder / "summary.json").exists():  # finished by another process since resume() looked
+            env.close()
+            return folder, json.loads((folder / "summary.json").read_text())
         saved = load_checkpoint(folder)
         if "loop" not in saved:
             raise UserError(f"{folder}/checkpoints/last.pt holds no training-loop state (not written by an interruptible run); start a new run")
         agent.load_state_dict(saved)
         _truncate_progress(Path(folder) / "progress.csv", agent.env_steps)
-    folder = create_run_folder(cfg) if folder is None else Path(folder)
     logger = Logger(folder)
     run = cfg.run
     ckpt_every = run.checkpoint_every or max(1, run.steps // 10)
@@ -224,6 +260,8 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
                 logger.record("rollout/ep_return", eps[:, 0].mean())
                 logger.record("rollout/ep_cost", eps[:, 1].mean())
                 logger.record("rollout/ep_length", eps[:, 2].mean())
+            if agent.env_steps >= run.steps:
+                break  # the final evaluation joins this row and the final checkpoint follows: one row per step
             if agent.env_steps >= loop["next_eval"]:
                 logger.record_dict(eval_metrics(agent, cfg))
                 loop["next_eval"] += run.eval_every
@@ -242,23 +280,31 @@ def _train(cfg: RunConfig, folder: Path | None, quiet: bool, resume: bool, stop:
                    "cost": recent[-10:, 1].mean() if recent is not None else None},
                 **(agent.oracle.feed.progress() if agent.oracle is not None and agent.oracle.feed is not None else {}),  # a label store's
             )
+    except OSError as exc:  # a full or read-only disk mid-run
+        raise _disk_fault(exc, folder, checkpoint) from None
     finally:
         progress.close()
         closed_state.append(env.get_state())
         env.close()
-    final = eval_metrics(agent, cfg)
-    logger.record_dict(final)
-    logger.dump(agent.env_steps)
-    logger.close()
-    loop["finished"] = True
-    checkpoint()
-    wall = wall_before + time.perf_counter() - t_start
-    summary = {
-        "env": cfg.env_name, "agent": cfg.agent_name, "algo": cfg.algo, "seed": run.seed,
-        "env_steps": agent.env_steps, "wall_time_s": wall, "iterations": loop["iteration"],
-        "initial": first_eval, "final": final,
-        "queries_used": agent.oracle.queries if agent.oracle is not None else 0,
-        "eval_episodes": run.eval_episodes, "notes": notes,
-    }
-    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2))
+    try:
+        if saved is not None and "final" in saved["loop"]:  # stopped after the final row was logged: not logged twice
+            final = saved["loop"]["final"]
+        else:
+            final = eval_metrics(agent, cfg)
+            logger.record_dict(final)
+            logger.dump(agent.env_steps)
+        logger.close()
+        loop.update(finished=True, final=final)
+        checkpoint()
+        wall = wall_before + time.perf_counter() - t_start
+        summary = {
+            "env": cfg.env_name, "agent": cfg.agent_name, "algo": cfg.algo, "seed": run.seed,
+            "env_steps": agent.env_steps, "wall_time_s": wall, "iterations": loop["iteration"],
+            "initial": first_eval, "final": final,
+            "queries_used": agent.oracle.queries if agent.oracle is not None else 0,
+            "eval_episodes": run.eval_episodes, "notes": notes,
+        }
+        write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2))
+    except OSError as exc:
+        raise _disk_fault(exc, folder, checkpoint) from None
     return folder, summary

@@ -107,6 +107,28 @@ def test_both_clips_play_click_and_arrow_key_store_the_right_labels_and_reload_l
         page.close()
 
 
+def test_two_tabs_get_different_pairs_and_a_pair_answered_elsewhere_is_refused_and_the_page_moves_on(tmp_path):
+    import json
+    import urllib.request
+
+    store = small_store(tmp_path / "s.sqlite", 4)
+    page = Page(store.path, "--clip-size", "160x120")
+    try:
+        assert page.playing_pair() == 1
+        base = page.url.split("?")[0].rstrip("/")
+        with urllib.request.urlopen(f"{base}/api/next?client=othertab", timeout=60) as r:  # a second tab is leased another pair
+            assert json.loads(r.read())["pair"]["id"] == 2
+        body = json.dumps({"id": 1, "choice": "right", "client": "othertab"}).encode()  # and answers the first tab's pair first
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/api/label", body, {"Content-Type": "application/json"}), timeout=60) as r:
+            assert r.status == 200
+        page.key("ARROW_LEFT")
+        assert _wait(lambda: page.playing_pair() == 3)  # refused (409), and the page shows its next pair (2 is the other tab's)
+        assert "already answered" in page.js("return document.getElementById('error').textContent")
+        assert store.pair(1)["label"] == "right" and [a["label"] for a in store.answers(1)] == ["right"]
+    finally:
+        page.close()
+
+
 def test_browser_labels_by_forward_progress_teach_halfcheetah_to_run_faster(tmp_path):
     """End to end from the shipped seed-0 reference: 400 pairs of its segments (5 rollouts) are queued; a
     scripted browser answers the first 3 on the page (arrow keys, as the forward-progress oracle would

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fault_helpers import in_namespace
 from label_helpers import SMALL, forward_choice, small_store
 from rl_align.cli import main
 from rl_align.errors import UserError
@@ -246,6 +247,16 @@ def test_collect_cli_queues_pairs_from_a_run_folder(tmp_path, capsys):
     assert main(["train", "--env", "halfcheetah-pref", "--agent", "sail-revkl", "--steps", "200", *sum((["--set", o] for o in SMALL), []),
                  "--set", f"run.out_dir={runs}"]) == 0
     run = next(runs.glob("*/*/*"))
+    for length in ("100000", "0"):  # refused before anything is written, so a plain retry works
+        assert main(["label", "collect", "--run", str(run), "--pairs", "7", "--no-render", "--segment-len", length]) == 2
+        assert "--segment-len" in capsys.readouterr().err and not (run / "labels.sqlite").exists()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = in_namespace(f"read_only({str(ro)!r}); print(cli('label', 'collect', '--run', {str(run)!r}, '--pairs', '2', '--no-render', "
+                     f"'--store', {str(ro / 'new.sqlite')!r}))")
+    code, err = eval(r.stdout.strip().splitlines()[-1])
+    assert code == 2 and len(err) == 1 and "Read-only file system" in err[0] and str(ro / "new.sqlite") in err[0], err
+    assert not list(ro.iterdir())
     assert main(["label", "collect", "--run", str(run), "--pairs", "7", "--no-render", "--prompt", "Run forward."]) == 0
     store = LabelStore(run / "labels.sqlite")
     assert store.counts() == {"labelled": 0, "queued": 7, "total": 7}
@@ -254,3 +265,29 @@ def test_collect_cli_queues_pairs_from_a_run_folder(tmp_path, capsys):
     assert seg["obs"].shape == (20, 17) and seg["actions"].shape == (20, 6) and np.abs(seg["obs"]).max() > 0
     assert main(["label", "collect", "--run", str(run), "--pairs", "2", "--no-render", "--segment-len", "10"]) == 2  # one length per store
     assert "holds 20-step segments" in capsys.readouterr().err
+
+
+def test_a_human_oracle_run_resumed_on_a_store_that_lost_its_labels_stops_in_one_line(tmp_path, capsys):
+    store = small_store(tmp_path / "s.sqlite", 6)
+    before = tmp_path / "before.sqlite"
+    before.write_bytes(store.path.read_bytes())  # a copy from before any label
+    answer_queued(store, synthetic_oracle("forward", 0.0, 0), "ada")
+    runs = tmp_path / "runs"
+    args = ["train", "--env", "halfcheetah-pref", "--agent", "sail-revkl", "--steps", "200", *sum((["--set", o] for o in SMALL), []),
+            "--set", "env.oracle.kind=human", "--set", f"env.oracle.store={store.path}", "--set", f"run.out_dir={runs}"]
+    assert main(args) == 0
+    folder = next(runs.glob("*/*/*"))
+    (folder / "summary.json").unlink()  # stopped before its end
+    for f in tmp_path.glob("s.sqlite*"):
+        if f.is_file():
+            f.unlink()
+    store.path.write_bytes(before.read_bytes())  # the same store, without its labels (an old backup put back)
+    assert main(["train", "--resume", str(folder)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("WARNING: ")]
+    assert len(err) == 1 and "lost" in err[-1] and str(store.path) in err[-1], err
+    store.path.unlink()
+    small_store(store.path, 3, seed=1)  # another store under the same name
+    assert main(["train", "--resume", str(folder)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("WARNING: ")]
+    assert len(err) == 1 and "not the label store this run read" in err[-1], err
+    assert not (folder / "summary.json").exists()

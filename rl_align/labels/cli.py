@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="require ?token=... on every request (for --host other than 127.0.0.1)")
     p.add_argument("--labeller", default=None, help="name stored with each answer (default: <user>@page)")
     p.add_argument("--prefetch", type=int, default=3, help="queued pairs whose clips are rendered ahead (default 3)")
+    p.add_argument("--lease", type=float, default=120.0, help="seconds a page holds its pair before another labeller may get it (default 120)")
     p.add_argument("--clip-size", type=_size, default=None, metavar="WxH", help="clip size for clips rendered here (default 320x240)")
     return p
 
@@ -83,18 +85,21 @@ def _label(args: argparse.Namespace) -> int:
         if a.interval < 0 or a.temperature < 0:
             raise UserError("--interval and --temperature must be >= 0")
         store = LabelStore(a.store)
-        n = answer_queued(store, synthetic_oracle(a.score, a.temperature, a.seed), a.labeller or f"synthetic:{a.score}",
-                          a.interval, a.limit, a.follow, out=sys.stdout)
+        try:
+            n = answer_queued(store, synthetic_oracle(a.score, a.temperature, a.seed), a.labeller or f"synthetic:{a.score}",
+                              a.interval, a.limit, a.follow, out=sys.stdout)
+        except KeyboardInterrupt:  # --follow runs until Ctrl-C; every answer given is already stored
+            n = len([r for r in store.answers() if r["client"] == f"pid{os.getpid()}"])
         c = store.counts()
         print(f"answered {n} pairs; {c['labelled']} of {c['total']} labelled, {c['queued']} queued")
         return 0
     from rl_align.labels.server import serve
 
     a = serve_parser().parse_args(rest)
-    if a.prefetch < 0 or not 0 <= a.port <= 65535:
-        raise UserError("--prefetch must be >= 0 and --port in 0..65535")
+    if a.prefetch < 0 or not 0 <= a.port <= 65535 or not 0 < a.lease <= 86400:
+        raise UserError("--prefetch must be >= 0, --port in 0..65535 and --lease in (0, 86400] seconds")
     try:
-        serve(Path(a.store), a.host, a.port, a.token, a.labeller, a.prefetch, a.clip_size)
+        serve(Path(a.store), a.host, a.port, a.token, a.labeller, a.prefetch, a.clip_size, a.lease)
     except KeyboardInterrupt:
         pass
     return 0

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 from rl_align.buffer import Segments
 from rl_align.envs.oracles import Oracle, OracleConfig
 from rl_align.errors import UserError
-from rl_align.labels.store import SEGMENT_FIELDS, LabelStore
+from rl_align.labels.store import SEGMENT_FIELDS, AnswerConflict, LabelStore
 
 DEFAULT_PROMPT = "Which clip shows more of what you want? Use the arrow keys: left, right, up for equal, down if you can't tell."
 
@@ -53,15 +54,19 @@ def collect_from_agent(agent, env_config, store: LabelStore, n_pairs: int, seed:
 
 def collect_pairs(run: Path, store_path: Path, n_pairs: int, segment_len: int | None = None, seed: int = 0,
                   prompt: str | None = None, render: bool = True, out=sys.stdout) -> LabelStore:
-    """``rl-align label collect``: ``n_pairs`` pairs from the run's policy into ``store_path`` (created if new)."""
+    """``rl-align label collect``: ``n_pairs`` pairs from the run's policy into ``store_path`` (created if new).
+    Everything that can be refused (the counts, the segment length against the run's rollout, the store's task
+    and length, the clip writer, a folder that cannot be written) is checked before the store is touched."""
     from rl_align.evaluation import load_agent
 
     if n_pairs < 1:
         raise UserError(f"--pairs must be >= 1, got {n_pairs}")
+    if segment_len is not None and segment_len < 1:
+        raise UserError(f"--segment-len must be >= 1, got {segment_len}")
     cfg, agent = load_agent(Path(run))
-    H = segment_len or getattr(cfg.agent, "segment_len", 50)
-    if H < 1:
-        raise UserError(f"--segment-len must be >= 1, got {H}")
+    H = segment_len if segment_len is not None else getattr(cfg.agent, "segment_len", 50)
+    if H > agent.buffer.T:
+        raise UserError(f"--segment-len {H} is longer than the run's rollout ({agent.buffer.T} steps per env); give at most {agent.buffer.T}")
     if store_path.exists():
         store = LabelStore(store_path)
         if store.meta["task"] != cfg.env.task or store.segment_len != H:
@@ -101,28 +106,32 @@ def _segments(side: dict[str, np.ndarray]) -> Segments:
 
 
 def answer_queued(store: LabelStore, oracle: Oracle, labeller: str, interval: float = 0.0, limit: int | None = None,
-                  follow: bool = False, poll: float = 0.5, out=None) -> int:
-    """Answer queued pairs, oldest first, with ``oracle`` (1 -> left, 0 -> right, 1/2 -> equal, skipped -> skip),
-    waiting ``interval`` seconds before each answer; ``follow`` keeps waiting for new pairs. Returns the count."""
+                  follow: bool = False, poll: float = 0.5, out=None, client: str | None = None, lease: float | None = None) -> int:
+    """Answer queued pairs with ``oracle`` (1 -> left, 0 -> right, 1/2 -> equal, skipped -> skip), claiming one
+    pair at a time (a lease of ``lease`` seconds, default ``2 * interval + 60``, as ``labeller`` on ``client``,
+    default this process), so other labellers of the store get other pairs; waits ``interval`` seconds before
+    each answer; ``follow`` keeps waiting for new pairs. Returns the count of answers stored."""
     names = {1.0: "left", 0.0: "right", 0.5: "equal"}
+    client = f"pid{os.getpid()}" if client is None else client
+    lease = 2 * interval + 60.0 if lease is None else lease
     done = 0
     while limit is None or done < limit:
-        pending = store.queued(limit=64)
-        if not pending:
+        pair = store.claim(labeller, client, lease)
+        if pair is None:
             if not follow:
                 break
             time.sleep(poll)
             continue
-        for pair in pending:
-            if limit is not None and done >= limit:
-                break
-            value = float(oracle.label(_segments(store.segment(pair["seg1"])), _segments(store.segment(pair["seg2"])))[0])
-            if interval > 0:
-                time.sleep(interval)
-            store.set_label(pair["id"], names.get(value, "skip"), labeller)
-            done += 1
-            if out is not None and done % 50 == 0:
-                print(f"answered {done} pairs", file=out)
+        value = float(oracle.label(_segments(store.segment(pair["seg1"])), _segments(store.segment(pair["seg2"])))[0])
+        if interval > 0:
+            time.sleep(interval)
+        try:
+            store.set_label(pair["id"], names.get(value, "skip"), labeller, client)
+        except AnswerConflict:  # our lease ran out and someone else answered it first: theirs counts
+            continue
+        done += 1
+        if out is not None and done % 50 == 0:
+            print(f"answered {done} pairs", file=out)
     return done
 
 
