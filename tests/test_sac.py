@@ -182,3 +182,21 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, sigterm_cli):
     assert torch.equal(a["replay"]["learned"], b["replay"]["learned"])
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
     assert [strip(r) for r in rows(folder)] == [strip(r) for r in rows(straight_folder)]
+
+
+def test_pebble_follows_its_teacher_forward_or_backward(tmp_path):
+    """The agent never reads the reward: labels of a teacher scoring forward or backward motion drive the
+    sampled x-velocity apart on cheetah-run (DeepMind Control). Measured here (6,000 steps, 32x32 nets,
+    240 labels): forward 0.03 / 0.11 / 0.21, backward -0.17 / -0.28 / -0.16 at seeds 0, 1, 2 (mean of the
+    last 2,000 steps); gaps 0.20, 0.39, 0.37, and the bound asks for 0.1."""
+    sets = ["agent.hidden=[32,32]", "agent.batch=64", "agent.log_every=500", "run.progress=false", "run.eval_episodes=1",
+            "agent.learning_starts=500", "agent.unsup_steps=0", "agent.feedback_every=500", "agent.queries_per_feedback=20",
+            "agent.segment_len=25", "agent.rm_hidden=[32,32]", "env.oracle.budget=null", f"run.out_dir={tmp_path}"]
+    for seed in (0, 1, 2):
+        speed = {}
+        for score in ("forward", "backward"):
+            folder, s = train(resolve_config("cheetah-run-pref", "pebble", [*sets, f"env.oracle.score={score}"], steps=6000, seed=seed), quiet=True)
+            v = [float(r["rollout/x_velocity"]) for r in rows(folder) if r.get("rollout/x_velocity")]
+            speed[score] = float(np.mean(v[-4:]))
+            assert s["queries_used"] == 240
+        assert speed["forward"] > speed["backward"] + 0.1, (seed, speed)
