@@ -3,6 +3,8 @@ Control tasks, several seeds, run as a resumable queue; then the rliable compari
 
     python benchmarks/pebble_protocol.py run --root /work/bench/protocol --workers 2
     python benchmarks/pebble_protocol.py report --root /work/bench/protocol
+    python benchmarks/pebble_protocol.py screen --root /work/bench/screen --workers 2    # the revkl screen
+    python benchmarks/pebble_protocol.py report --root /work/bench/screen --screen
 
 ``run`` works through the jobs seed by seed (every method of seed 0 first, then seed 1, ...), one
 ``rl-align train`` process per worker, each into ``<root>/<env>/<agent>/s<seed>/``: a finished run is
@@ -10,7 +12,9 @@ skipped, an interrupted one continues with ``--resume`` (so a stopped queue pick
 ``report`` prints, per task, each method's final stochastic and deterministic return (IQM with 95%
 stratified-bootstrap interval, mean ± std), its share of the true-reward ceiling, the labels it used,
 the probability of improvement of SAIL-RevKL over PEBBLE, and draws return against env steps and
-against labels (``<root>/protocol.png``).
+against labels (``<root>/protocol.png``). ``screen`` runs ``pebble-revkl`` on cheetah-run at 2 seeds x
+100k steps over ``revkl_coef`` (1e-4, the paper's; 1e-3; 1e-2) x direction (reverse, forward) x reference
+(lagged, init), each setting in its own method folder ``pebble-revkl<tag>``; ``report --screen`` ranks them.
 """
 
 from __future__ import annotations
@@ -59,10 +63,27 @@ def run_job(root: Path, env: str, agent: str, seed: int, steps: int | None, sets
 
 
 def cmd_run(args) -> None:
-    jobs = [(env, agent, seed) for seed in args.seeds for env in args.tasks for agent in args.methods]
+    jobs = [(env, agent, seed, args.set, args.tag) for seed in args.seeds for env in args.tasks for agent in args.methods]
+    run_queue(args, jobs)
+
+
+def run_queue(args, jobs: list[tuple]) -> None:
     with ThreadPoolExecutor(args.workers) as pool:
-        for line in pool.map(lambda j: run_job(args.root, *j, args.steps, args.set, args.tag), jobs):
+        for line in pool.map(lambda j: run_job(args.root, j[0], j[1], j[2], args.steps, j[3], j[4]), jobs):
             print(line, flush=True)
+
+
+SCREEN = [(coef, direction, ref) for coef in ("1e-4", "1e-3", "1e-2") for direction in ("reverse", "forward") for ref in ("lagged", "init")]
+
+
+def screen_tag(coef: str, direction: str, ref: str) -> str:
+    return f"-c{coef}-{direction}-{ref}"
+
+
+def cmd_screen(args) -> None:
+    jobs = [("cheetah-run-pref", "pebble-revkl", seed, [f"agent.revkl_coef={c}", f"agent.revkl_direction={d}", f"agent.ref={r}"],
+             screen_tag(c, d, r)) for seed in args.seeds for c, d, r in SCREEN]
+    run_queue(args, jobs)
 
 
 def load(root: Path, env: str, agent: str) -> list[dict]:
@@ -83,6 +104,8 @@ def load(root: Path, env: str, agent: str) -> list[dict]:
 
 
 def cmd_report(args) -> None:
+    if args.screen:
+        args.tasks, args.methods = ["cheetah-run-pref"], ["pebble-revkl" + screen_tag(*s) for s in SCREEN]
     lines = []
     for env in args.tasks:
         results = {m: load(args.root, env, m) for m in args.methods}
@@ -134,20 +157,23 @@ def plot(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report"):
+    for name in ("run", "report", "screen"):
         q = sub.add_parser(name)
         q.add_argument("--root", type=Path, required=True, help="where the runs go (outside the checkout for long queues)")
         q.add_argument("--tasks", nargs="+", default=list(TASKS))
         q.add_argument("--methods", nargs="+", default=list(METHODS))
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    run = sub.choices["run"]
-    run.add_argument("--workers", type=int, default=2)
-    run.add_argument("--steps", type=int, default=None, help="env steps per run (default: the preset's)")
-    run.add_argument("--set", action="append", default=[], help="override for every run (as for rl-align train)")
-    run.add_argument("--tag", default="", help="suffix of the method folder for runs with --set overrides")
+    for name, steps in (("run", None), ("screen", 100_000)):
+        run = sub.choices[name]
+        run.add_argument("--workers", type=int, default=2)
+        run.add_argument("--steps", type=int, default=steps, help="env steps per run (default: the preset's)")
+        run.add_argument("--set", action="append", default=[], help="override for every run (as for rl-align train)")
+        run.add_argument("--tag", default="", help="suffix of the method folder for runs with --set overrides")
+    sub.choices["screen"].set_defaults(seeds=[0, 1])
+    sub.choices["report"].add_argument("--screen", action="store_true", help="rank the settings of the screen")
     sub.choices["report"].add_argument("--pairs", nargs=2, action="append", default=[["pebble-revkl", "pebble"]], metavar=("A", "B"))
     args = p.parse_args()
-    {"run": cmd_run, "report": cmd_report}[args.cmd](args)
+    {"run": cmd_run, "report": cmd_report, "screen": cmd_screen}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Label efficiency across the lab: on-policy SAIL-RevKL, RLHF (PPO + reward model), PEBBLE and SAIL-RevKL
+off-policy at 1,000 and 10,000 labels, the same env steps, each as a fraction of its own true-reward
+ceiling (PPO from the same reference for the on-policy agents, SAC at the same sizes for the off-policy
+ones), on HalfCheetah-v5 and DMC cheetah-run.
+
+    python benchmarks/label_efficiency.py run --root /work/bench/labels --workers 2
+    python benchmarks/label_efficiency.py report --root /work/bench/labels
+
+Runs go through the protocol's resumable queue (``benchmarks/pebble_protocol.py``), seed by seed. The
+off-policy agents ask 20 labels every 2,000 steps for the 1,000 budget and 100 every 1,000 steps for the
+10,000 budget, so both budgets are spent inside the run; the on-policy agents spend theirs as they go
+(SAIL-RevKL labels all pairs of each rollout, RLHF ``queries_per_update`` per iteration).
+``report`` prints one table and draws return against labels (``<root>/label_efficiency.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from pebble_protocol import load, run_queue  # noqa: E402
+
+from rl_align.stats import fmt, summarize  # noqa: E402
+
+TASKS = ("halfcheetah-pref", "cheetah-run-pref")
+STEPS = 200_000
+METHODS = {  # method -> (agent preset, its ceiling's method)
+    "sail-revkl": ("sail-revkl", "ppo-ceiling"),
+    "rlhf": ("rlhf", "ppo-ceiling"),
+    "pebble": ("pebble", "sac-small"),
+    "pebble-revkl": ("pebble-revkl", "sac-small"),
+}
+OFF_POLICY_FEEDBACK = {1000: ["agent.queries_per_feedback=20", "agent.feedback_every=2000"],
+                       10000: ["agent.queries_per_feedback=100", "agent.feedback_every=1000"]}
+
+
+def reference(root: Path, env: str, seed: int) -> str:
+    """The on-policy agents' pi_ref (and PPO's start): HalfCheetah's shipped reference of this seed; for
+    other tasks a 50k-step PPO run on the true reward, trained here once into ``<root>/_refs``."""
+    if env == "halfcheetah-pref":
+        return str(next(REPO.glob(f"refs/HalfCheetah-v5-*-s{seed}.pt")))
+    out = root / "_refs" / f"{env}-s{seed}"
+    found = sorted(out.glob("*/*/*/summary.json"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "rl_align.cli", "train", "--env", env, "--agent", "ppo", "--steps", "50000", "--seed", str(seed),
+                        "--set", f"run.out_dir={out}", "--set", "run.progress=false"], check=True, capture_output=True)
+        found = sorted(out.glob("*/*/*/summary.json"))
+    return str(found[-1].parent)
+
+
+def jobs(root: Path, seeds: list[int], budgets: list[int]) -> list[tuple]:
+    out = []
+    for seed in seeds:
+        for env in TASKS:
+            ref = reference(root, env, seed)
+            out.append((env, "sac-small", seed, ["env.oracle.budget=null"], ""))
+            out.append((env, "ppo", seed, [f"agent.init={ref}", "env.oracle.budget=null"], "-ceiling"))
+            for budget in budgets:
+                for method, (preset, _) in METHODS.items():
+                    sets = [f"env.oracle.budget={budget}"]
+                    sets += OFF_POLICY_FEEDBACK[budget] if preset.startswith("pebble") else [f"agent.{'ref' if preset == 'sail-revkl' else 'init'}={ref}"]
+                    out.append((env, preset, seed, sets, f"-{budget}"))
+    return out
+
+
+def cmd_run(args) -> None:
+    args.steps = STEPS
+    run_queue(args, jobs(args.root, args.seeds, args.budgets))
+
+
+def cmd_report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4), squeeze=False)
+    print(f"{'task':<18} {'method':<14} {'labels':>7}  stochastic return as a fraction of its ceiling (per seed)")
+    for k, env in enumerate(TASKS):
+        ceilings = {m: {r["seed"]: r["stoch"] for r in load(args.root, env, m)} for m in ("ppo-ceiling", "sac-small")}
+        for method, (preset, ceiling) in METHODS.items():
+            xs, ys = [], []
+            for budget in args.budgets:
+                rs = load(args.root, env, f"{preset}-{budget}")
+                frac = [r["stoch"] / ceilings[ceiling][r["seed"]] for r in rs if r["seed"] in ceilings[ceiling]]
+                if not frac:
+                    continue
+                labels = max(r["labels"] for r in rs)
+                print(f"{env:<18} {method:<14} {labels:>7,}  {fmt(summarize(frac), 2)}")
+                xs.append(labels), ys.append(np.mean(frac))
+            if xs:
+                axes[0, k].plot(xs, ys, "o-", label=method)
+        axes[0, k].set(title=env, xscale="log", xlabel="labels used", ylabel="fraction of the true-reward ceiling")
+        axes[0, k].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.root / "label_efficiency.png", dpi=110)
+    print(f"figure: {args.root / 'label_efficiency.png'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "report"):
+        q = sub.add_parser(name)
+        q.add_argument("--root", type=Path, required=True)
+        q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        q.add_argument("--budgets", type=int, nargs="+", default=[1000, 10000])
+    sub.choices["run"].add_argument("--workers", type=int, default=2)
+    args = p.parse_args()
+    {"run": cmd_run, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
