@@ -123,3 +123,24 @@ def test_same_step_autoreset(mode):
     else:
         pytest.fail("the episode did not end")
     vec.close()
+
+
+def test_deepmind_control_tasks_are_env_ids_with_physics_features_and_exact_state():
+    """dm_control through Shimmy: flattened observations, the torso's forward speed and height from the
+    physics, and a saved env state that replays the same future."""
+    env = make_vec_env("dm_control/walker-walk-v0", 2, seed=0)
+    obs = env.reset()
+    assert obs.shape == (2, 24) and obs.dtype == np.float32
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        step = env.step(rng.uniform(-1, 1, (2, 6)))
+    assert (step.features[:, 1] > 0.1).all()  # the torso's height above the floor, read from the physics
+    state, acts = env.get_state(), rng.uniform(-1, 1, (30, 2, 6))
+    first = [env.step(a) for a in acts]
+    other = make_vec_env("dm_control/walker-walk-v0", 2, seed=9)
+    other.reset()
+    other.set_state(state)
+    again = [other.step(a) for a in acts]
+    assert all(np.array_equal(a.obs, b.obs) and np.array_equal(a.rewards, b.rewards) for a, b in zip(first, again))
+    assert abs(np.mean([s.features[:, 0] for s in first])) < 5  # a speed in m/s, not a position
+    env.close(), other.close()
