@@ -200,3 +200,25 @@ def test_pebble_follows_its_teacher_forward_or_backward(tmp_path):
             speed[score] = float(np.mean(v[-4:]))
             assert s["queries_used"] == 240
         assert speed["forward"] > speed["backward"] + 0.1, (seed, speed)
+
+
+def test_pebble_learns_from_a_label_store_and_queues_its_pairs_there(tmp_path):
+    """A person's labels (a label store) feed the reward ensemble; online, each feedback session queues the
+    pairs it picked from the replay buffer for labelling."""
+    from label_helpers import forward_choice, small_store
+
+    store = small_store(tmp_path / "labels.sqlite", 40)
+    ids = [p["id"] for p in store.queued(limit=100)]
+    answered = 0
+    for pid in ids[:30]:
+        choice = forward_choice(store, store.pair(pid))
+        if choice != "equal":
+            store.set_label(pid, choice, "ada")
+            answered += 1
+    sets = [*TINY, "agent.learning_starts=200", "agent.unsup_steps=0", "agent.feedback_every=300", "agent.segment_len=20",
+            "env.oracle.kind=human", f"env.oracle.store={tmp_path / 'labels.sqlite'}", "env.oracle.post_pairs=5",
+            "run.eval_episodes=1", f"run.out_dir={tmp_path / 'runs'}"]
+    folder, summary = train(resolve_config("halfcheetah-pref", "pebble", sets, steps=1000, seed=0), quiet=True)
+    logged = [float(r["pebble/labels"]) for r in rows(folder) if r.get("pebble/labels")]
+    assert logged and max(logged) == answered  # every answered pair reached the reward ensemble
+    assert store.counts()["total"] == 40 + summary["queries_used"] and summary["queries_used"] >= 5  # and the agent queued its own

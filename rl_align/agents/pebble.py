@@ -29,7 +29,7 @@ class RewardEnsemble(torch.nn.Module):
         super().__init__()
         self.net = Ensemble(members, obs_dim + act_dim, 1, hidden, "relu", out_activation="tanh")
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
-        self.pairs: dict[str, torch.Tensor] = {}  # obs1, act1, obs2, act2 [P, H, .] and label [P]
+        self.pairs: dict[str, torch.Tensor] = {}  # obs1, act1, mask1, obs2, act2, mask2 [P, H, .] and label [P]
 
     def members(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """Per-member reward ``[K, ...]`` for ``obs [..., obs_dim]``, ``act [..., act_dim]``."""
@@ -41,17 +41,20 @@ class RewardEnsemble(torch.nn.Module):
         """The ensemble-mean reward ``[B]`` of NumPy ``obs [B, obs_dim]``, ``act [B, act_dim]``."""
         return self.members(torch.as_tensor(obs), torch.as_tensor(act)).mean(0).numpy()
 
+    def segment_returns(self, s: Segments) -> torch.Tensor:
+        """``R_k(s) = sum_t r_psi_k(s_t, a_t)`` over each segment's real steps (not the padding after a fall), ``[K, M]``."""
+        return (self.members(torch.as_tensor(s.obs), torch.as_tensor(s.actions)) * torch.as_tensor(s.mask, dtype=torch.float32)).sum(-1)
+
     @torch.no_grad()
     def pair_probs(self, s1: Segments, s2: Segments) -> torch.Tensor:
         """``P_k(s1 > s2) = sigmoid(R_k(s1) - R_k(s2))`` per member, ``[K, M]``."""
-        R1 = self.members(torch.as_tensor(s1.obs), torch.as_tensor(s1.actions)).sum(-1)
-        R2 = self.members(torch.as_tensor(s2.obs), torch.as_tensor(s2.actions)).sum(-1)
-        return torch.sigmoid(R1 - R2)
+        return torch.sigmoid(self.segment_returns(s1) - self.segment_returns(s2))
 
     def add(self, s1: Segments, s2: Segments, labels: np.ndarray) -> None:
         """Keep labelled pairs (skipped ones, ``nan``, carry nothing; ties stay as targets of 1/2)."""
         keep = np.isfinite(labels)
-        new = {"obs1": s1.obs[keep], "act1": s1.actions[keep], "obs2": s2.obs[keep], "act2": s2.actions[keep],
+        new = {"obs1": s1.obs[keep], "act1": s1.actions[keep], "mask1": s1.mask[keep].astype(np.float32),
+               "obs2": s2.obs[keep], "act2": s2.actions[keep], "mask2": s2.mask[keep].astype(np.float32),
                "label": labels[keep].astype(np.float32)}
         for k, v in new.items():
             v = torch.as_tensor(v)
@@ -66,8 +69,8 @@ class RewardEnsemble(torch.nn.Module):
         keep = np.isfinite(labels)
         if not keep.any():
             return float("nan")
-        R = lambda s: self.members(torch.as_tensor(s.obs[keep]), torch.as_tensor(s.actions[keep])).mean(0).sum(-1)  # noqa: E731
-        return pair_accuracy(R(s1), R(s2), torch.as_tensor(labels[keep], dtype=torch.float32))
+        R1, R2 = self.segment_returns(s1.take(keep)).mean(0), self.segment_returns(s2.take(keep)).mean(0)
+        return pair_accuracy(R1, R2, torch.as_tensor(labels[keep], dtype=torch.float32))
 
     def fit(self, max_epochs: int, batch: int, stop_accuracy: float, rng: np.random.Generator) -> dict[str, float]:
         """Bradley-Terry cross-entropy on every stored pair, ``-[y log P_k + (1 - y) log(1 - P_k)]`` summed over
@@ -81,8 +84,8 @@ class RewardEnsemble(torch.nn.Module):
             loss_sum, correct = 0.0, 0.0
             for s in range(0, n, batch):
                 idx = torch.as_tensor(perms[:, s : s + batch])  # [K, b]
-                R1 = self._member_returns(p["obs1"][idx], p["act1"][idx])  # [K, b]
-                R2 = self._member_returns(p["obs2"][idx], p["act2"][idx])
+                R1 = self._member_returns(p["obs1"][idx], p["act1"][idx], p["mask1"][idx])  # [K, b]
+                R2 = self._member_returns(p["obs2"][idx], p["act2"][idx], p["mask2"][idx])
                 y = p["label"][idx]
                 loss = F.binary_cross_entropy_with_logits(R1 - R2, y, reduction="none").mean(-1).sum()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -94,11 +97,11 @@ class RewardEnsemble(torch.nn.Module):
                 break
         return {"pebble/rm_loss": loss_sum / n, "pref/train_accuracy": correct / n, "pebble/rm_epochs": float(epochs)}
 
-    def _member_returns(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """``R_k`` of member k on its own segments: ``obs [K, b, H, obs_dim]`` -> ``[K, b]``."""
+    def _member_returns(self, obs: torch.Tensor, act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``R_k`` of member k on its own segments: ``obs [K, b, H, obs_dim]``, ``mask [K, b, H]`` -> ``[K, b]``."""
         K, b, H = obs.shape[:3]
         x = torch.cat([obs, act], -1).reshape(K, b * H, -1)
-        return self.net(x).reshape(K, b, H).sum(-1)
+        return (self.net(x).reshape(K, b, H) * mask).sum(-1)
 
     def state_dict(self, *args, **kwargs) -> dict:
         return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "pairs": dict(self.pairs)}

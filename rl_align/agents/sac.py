@@ -33,6 +33,7 @@ from rl_align.agents.pebble import RewardEnsemble, StateEntropy, select_queries
 from rl_align.buffer import ReplayBuffer
 from rl_align.envs import VecEnv
 from rl_align.errors import UserError
+from rl_align.labels.learn import arrived_labels, post_pairs
 from rl_align.nets import Ensemble, SquashedGaussianPolicy, gaussian_kl, numpy_forward
 
 QUERIES = ("uniform", "disagreement", "entropy")
@@ -147,8 +148,8 @@ class SAC(Agent):
     def __init__(self, config: SACConfig, env: VecEnv, seed: int, device: str = "cpu", oracle=None, total_steps: int = 1) -> None:
         super().__init__(config, env, seed, device, oracle, total_steps)
         c, obs_dim, act_dim = config, self.obs_dim, self.act_dim
-        if c.reward == "preferences" and (oracle is None or oracle.config.kind == "human"):
-            raise UserError("agent.reward=preferences learns from the env's oracle; a label store (kind: human) is not supported by sac yet")
+        if c.reward == "preferences" and oracle is None:
+            raise UserError("agent.reward=preferences learns from the env's oracle: give the env an oracle section")
         self.policy = SquashedGaussianPolicy(obs_dim, act_dim, c.hidden, c.activation, tuple(c.log_std_bounds)).to(self.device)
         self.critic = Ensemble(2, obs_dim + act_dim, 1, c.hidden, c.activation).to(self.device)  # twin Q
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -260,20 +261,32 @@ class SAC(Agent):
             self.feedback(c.query)
 
     def feedback(self, how: str) -> None:
-        """One feedback session: pick pairs from a candidate pool of the replay buffer, ask the oracle, refit
-        the reward ensemble on every label so far, relabel the whole replay buffer."""
+        """One feedback session: pick pairs from a candidate pool of the replay buffer, ask the oracle (a
+        person's label store: queue them and read what has been labelled), refit the reward ensemble on
+        every label so far, relabel the whole replay buffer."""
         c, rm, t0 = self.config, self.reward_model, time.perf_counter()
-        want = c.queries_per_feedback if self.oracle.remaining() is None else min(c.queries_per_feedback, self.oracle.remaining())
+        human = self.oracle.config.kind == "human"
+        want = c.queries_per_feedback if not human else self.oracle.config.post_pairs
+        want = want if self.oracle.remaining() is None else min(want, self.oracle.remaining())
         pool = want * (1 if how == "uniform" else c.query_pool)
-        s1 = self.replay.segments(pool, c.segment_len, self.rng, c.query_window // self.replay.N)
-        s2 = self.replay.segments(pool, c.segment_len, self.rng, c.query_window // self.replay.N)
-        if s1 is None or want == 0:
+        s1 = self.replay.segments(pool, c.segment_len, self.rng, c.query_window // self.replay.N) if want else None
+        s2 = self.replay.segments(pool, c.segment_len, self.rng, c.query_window // self.replay.N) if want else None
+        if s1 is not None:
+            s1, s2 = self._normalized(s1), self._normalized(s2)
+            pick = select_queries(rm, s1, s2, want, how, self.rng)
+            s1, s2 = s1.take(pick), s2.take(pick)
+        m: dict[str, float] = {}
+        if human:  # queue the chosen pairs for a person, learn from whatever labels have arrived
+            m["human/posted"] = float(post_pairs(self.oracle, s1, s2, self.env_steps)) if s1 is not None else 0.0
+            s1, s2, labels = arrived_labels(self, self.oracle)
+        elif s1 is not None:
+            labels = self.oracle.label(s1, s2)
+        else:
             return
-        s1, s2 = self._normalized(s1), self._normalized(s2)
-        pick = select_queries(rm, s1, s2, want, how, self.rng)
-        s1, s2 = s1.take(pick), s2.take(pick)
-        labels = self.oracle.label(s1, s2)
-        m = {"pebble/new_labels": float(np.isfinite(labels).sum()), "pref/oracle_agreement": self.oracle.agreement(s1, s2, labels)}
+        if s1 is None or len(labels) == 0:
+            self._record(m)
+            return
+        m.update({"pebble/new_labels": float(np.isfinite(labels).sum()), "pref/oracle_agreement": self.oracle.agreement(s1, s2, labels)})
         if rm.n_labels():  # before the new labels join: the model's accuracy on pairs it never saw
             m["pref/heldout_accuracy"] = rm.accuracy(s1, s2, labels)
         rm.add(s1, s2, labels)

@@ -10,6 +10,8 @@ pairs of the current rollout for labelling, spending the oracle's query budget.
   states. The shift part is on-policy by definition and a person's labels are of earlier policies, so it is
   off: with a label store the agent is offline / asynchronous DPO(-RevKL).
 - RLHF's Bradley-Terry reward model adds the arrived pairs to its dataset, as it does with fresh labels.
+- The PEBBLE family (``algo: sac``) queues the pairs each feedback session picks from its replay buffer
+  (online) and adds the arrived pairs to its reward ensemble's labels.
 
 ``pi_ref``'s log-probs are recomputed by the learning agent under its own reference (the ones stored with
 a pair are those of the policy that collected it), and states are normalized by the agent's normalizer.
@@ -122,3 +124,32 @@ def rlhf_preferences(agent, reward) -> dict[str, float]:
     for k, v in new.items():
         reward.data[k] = np.concatenate([reward.data[k], v])
     return m
+
+
+def post_pairs(oracle, s1: Segments, s2: Segments, env_steps: int) -> int:
+    """Queue the pairs ``(s1[k], s2[k])`` chosen from an off-policy agent's replay buffer (its segments carry
+    no behaviour or reference log-probs: stored as 0); returns how many."""
+    segs = {f: np.concatenate([getattr(s1, f), getattr(s2, f)]) for f in ("actions", "mask", "rewards", "features")}
+    segs["obs"] = np.concatenate([s1.raw_obs, s2.raw_obs])
+    segs["logp"] = segs["ref_logp"] = np.zeros(segs["mask"].shape, np.float32)
+    segs["rewards"], segs["features"] = segs["rewards"].astype(np.float32), segs["features"].astype(np.float32)
+    P = len(s1)
+    ids = oracle.feed.store.add_pairs(segs, np.arange(P), np.arange(P, 2 * P), source=f"trainer@{env_steps}")
+    oracle.queries += len(ids)
+    return len(ids)
+
+
+def arrived_labels(agent, oracle) -> tuple[Segments | None, Segments | None, np.ndarray]:
+    """The pairs labelled since the last poll as ``(first, second, labels)`` (observations normalized as the
+    agent sees them; skipped pairs dropped), for a reward model to add."""
+    check_segment_len(agent)
+    n_new = oracle.feed.poll()
+    d = oracle.feed.data
+    rows = np.arange(len(d["label"]) - n_new, len(d["label"]))
+    rows = rows[np.isfinite(d["label"][rows])]
+    if len(rows) == 0:
+        return None, None, np.zeros(0)
+    first, second = stored_segments(d["first"], rows), stored_segments(d["second"], rows)
+    for seg in (first, second):
+        seg.obs = agent.normalize(seg.raw_obs)
+    return first, second, d["label"][rows].astype(np.float64)
