@@ -106,6 +106,8 @@ class SACConfig(AgentConfig):
             raise UserError(f"agent.revkl_direction must be reverse or forward, got {self.revkl_direction!r}")
         if len(self.log_std_bounds) != 2 or self.log_std_bounds[0] >= self.log_std_bounds[1]:
             raise UserError(f"agent.log_std_bounds must be [low, high] with low < high, got {self.log_std_bounds}")
+        if self.ref.startswith("sb3:"):
+            raise UserError("agent.ref=sb3:<zip> reads an SB3 PPO / A2C policy; the sac reference is lagged, init or the folder of an sac run")
         if not 0 < self.rm_stop_accuracy <= 1:
             raise UserError(f"agent.rm_stop_accuracy must be in (0, 1], got {self.rm_stop_accuracy}")
 
