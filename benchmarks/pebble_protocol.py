@@ -20,6 +20,7 @@ against labels (``<root>/protocol.png``). ``screen`` runs ``pebble-revkl`` on ch
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -91,13 +92,12 @@ def load(root: Path, env: str, agent: str) -> list[dict]:
     out = []
     for summary_path in sorted((root / env / agent).glob("s*/*/*/*/summary.json")):
         s = json.loads(summary_path.read_text())
-        curve = []
-        import csv
-
+        curve, labels = [], 0.0
         with (summary_path.parent / "progress.csv").open() as f:
             for row in csv.DictReader(f):
+                labels = float(row.get("train/queries_used") or labels)  # logged on the rows where labels were spent
                 if row.get("eval/return_stoch"):
-                    curve.append((float(row["step"]), float(row["eval/return_stoch"]), float(row.get("train/queries_used") or 0)))
+                    curve.append((float(row["step"]), float(row["eval/return_stoch"]), labels))
         out.append({"seed": s["seed"], "stoch": s["final"]["eval/return_stoch"], "det": s["final"]["eval/return_det"],
                     "labels": s["queries_used"], "steps": s["env_steps"], "curve": curve, "wall": s["wall_time_s"]})
     return out
@@ -143,12 +143,18 @@ def plot(args) -> None:
             steps = np.array([c[0] for c in rs[0]["curve"][:n]])
             ret = np.array([[c[1] for c in r["curve"][:n]] for r in rs])
             labels = np.array([[c[2] for c in r["curve"][:n]] for r in rs]).max(0)
-            for ax, x in ((axes[0, k], steps), (axes[1, k], labels)):
-                ax.plot(x, ret.mean(0), label=f"{m} (n={len(rs)})")
-                ax.fill_between(x, ret.min(0), ret.max(0), alpha=0.15)
+            axes[0, k].plot(steps, ret.mean(0), label=f"{m} (n={len(rs)})")
+            axes[0, k].fill_between(steps, ret.min(0), ret.max(0), alpha=0.15)
+            if labels.max() > 0:
+                axes[1, k].plot(labels, ret.mean(0), "o-", ms=3, label=m)
+            else:  # a true-reward ceiling: its final return as a line
+                axes[1, k].axhline(ret.mean(0)[-1], ls="--", color="gray", label=f"{m} at {steps[-1]:,.0f} steps")
         axes[0, k].set(title=env, xlabel="env steps", ylabel="stochastic return (mean, min-max)")
         axes[1, k].set(xlabel="labels used", ylabel="stochastic return")
-        axes[0, k].legend(fontsize=8)
+        axes[0, k].ticklabel_format(axis="x", style="sci", scilimits=(3, 3))
+        for ax in axes[:, k]:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.root / "protocol.png", dpi=110)
     print(f"figure: {args.root / 'protocol.png'}")
