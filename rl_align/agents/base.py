@@ -118,6 +118,10 @@ class Agent:
                             "set agent.hidden / agent.activation to match it") from None
         self.obs_rms.load_state_dict(state["obs_rms"])
 
+    def freeze_normalizer(self) -> None:
+        """Stop updating the observation normalizer (acting for someone else: collecting pairs to label)."""
+        self.freeze_obs_rms = True
+
     def reference(self) -> torch.nn.Module | None:
         """The policy evaluation measures this agent against (win rate, KL): pi_ref, or None."""
         return None
