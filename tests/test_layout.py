@@ -114,7 +114,7 @@ def test_the_checker_sees_a_back_edge_and_a_cycle(tmp_path):
 
 
 # modules whose every reach into an object they are handed goes through that object's public methods
-OWN_ONLY = ["labels"]
+OWN_ONLY = ["labels", "agents/lagrangian.py"]
 
 
 def foreign_reaches(path: Path) -> list[str]:
