@@ -278,6 +278,23 @@ def test_the_layer_owns_its_critic_and_optimizer_and_the_limit_comes_from_the_lo
     venv.close()
 
 
+def test_the_agents_clip_is_torchs_bit_for_bit():
+    from rl_align.nets import ValueNet, clip_grad_norm_
+
+    torch.manual_seed(1)
+    net = ValueNet(5, [16, 16], "tanh", True)
+    for max_norm in (1e-3, 1e3):  # clipped, and left as it is
+        grads = []
+        for clip in (torch.nn.utils.clip_grad_norm_, clip_grad_norm_):
+            net.zero_grad(set_to_none=True)
+            torch.manual_seed(2)
+            (net(torch.randn(64, 5)) ** 2).mean().backward()
+            norm = clip(list(net.parameters()), max_norm)
+            grads.append((norm, [p.grad.clone() for p in net.parameters()]))
+        (n1, g1), (n2, g2) = grads
+        assert torch.equal(n1, n2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
 def test_two_optimizers_step_as_the_one_with_two_groups_did():
     """The split that moved the cost critic out of the agent's Adam: same clip (one global norm), same
     steps, bit for bit, against the old arrangement (one Adam, the critic its second group)."""

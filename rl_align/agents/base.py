@@ -20,7 +20,7 @@ from rl_align.agents.lagrangian import ConstraintConfig, Lagrangian, split_optim
 from rl_align.buffer import RolloutBuffer
 from rl_align.envs import VecEnv
 from rl_align.errors import UserError
-from rl_align.nets import ACTIVATIONS, GaussianPolicy, RunningMeanStd, ValueNet, adam_kwargs, numpy_forward
+from rl_align.nets import ACTIVATIONS, GaussianPolicy, RunningMeanStd, ValueNet, adam_kwargs, clip_grad_norm_, numpy_forward
 
 
 @dataclass
@@ -204,6 +204,7 @@ class OnPolicyAgent(Agent):
         self.buffer = RolloutBuffer(c.n_steps, env.n_envs, obs_dim, act_dim)
         self.optimizer = torch.optim.Adam(list(self.policy.parameters()) + list(self.value.parameters()), lr=c.lr, eps=1e-5, **adam_kwargs(self.device))
         self.lagrangian: Lagrangian | None = None
+        self._trained: list[torch.nn.Parameter] | None = None  # trained_parameters(), built on first use
         if c.constraint.method != "none":
             if cost_limit is None or horizon is None:
                 raise ValueError("a constrained agent needs cost_limit (env.cost.limit) and horizon from the training loop")
@@ -267,19 +268,23 @@ class OnPolicyAgent(Agent):
 
     def step_optimizer(self, loss: torch.Tensor, params: list[torch.nn.Parameter] | None = None) -> float:
         """Backward, clip the gradient norm (over this agent's parameters and the Lagrangian layer's, one
-        global norm), Adam steps; returns the pre-clip gradient norm."""
-        layer = self.lagrangian
-        self.optimizer.zero_grad(set_to_none=True)
-        if layer is not None:
-            layer.zero_grad()
+        global norm, or over ``params``), Adam steps; returns the pre-clip gradient norm."""
+        everything = self.trained_parameters()
+        for p in everything:  # zero_grad(set_to_none=True) of both optimizers
+            p.grad = None
         loss.backward()
-        if params is None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]] + (layer.parameters() if layer is not None else [])
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        norm = clip_grad_norm_(params if params is not None else everything, self.config.max_grad_norm)
         self.optimizer.step()
-        if layer is not None:
-            layer.step()
+        if self.lagrangian is not None:
+            self.lagrangian.step()
         return float(norm)
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters of this agent's optimizer, then the Lagrangian layer's (fixed after construction)."""
+        if self._trained is None:
+            self._trained = [p for g in self.optimizer.param_groups for p in g["params"]] + (
+                self.lagrangian.parameters() if self.lagrangian is not None else [])
+        return self._trained
 
     def minibatches(self, n: int, size: int):
         """Shuffled index minibatches over ``n`` samples from the agent's seeded generator."""

@@ -220,9 +220,6 @@ class Lagrangian:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     def step(self) -> None:
         self.optimizer.step()
 
