@@ -25,6 +25,8 @@ RUNS = {  # name -> (env, agent, extra --set)
     "ppo": ("halfcheetah", "ppo", []),
     "sail-revkl": ("halfcheetah-pref", "sail-revkl", ["agent.diag_every=1", "agent.curvature_every=1"]),
     "rlhf": ("halfcheetah-pref", "rlhf", []),
+    "ppo-lag": ("halfcheetah", "ppo-lag", []),
+    "ppo-pid": ("halfcheetah", "ppo-pid", []),
     "ppo-opd": ("halfcheetah", "ppo-opd", []),
     "sail-revkl-opd": ("halfcheetah", "sail-revkl-opd", []),
     "comal": ("halfcheetah-cyclic", "comal", ["agent.inner_updates=2"]),

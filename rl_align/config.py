@@ -104,6 +104,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{key} must be a mapping of fields of {tp.__name__}, got {value!r}")
+        if hasattr(tp, "variant"):  # a section whose class depends on one of its values (the constraint's rule)
+            tp = tp.variant(value, key)
         return build(tp, value, key)
     if origin is list:
         if not isinstance(value, (list, tuple)):

@@ -25,6 +25,7 @@ import yaml
 
 from rl_align.agents import get_agent
 from rl_align.agents.base import AgentConfig
+from rl_align.agents.lagrangian import ConstraintConfig, episode_horizon
 from rl_align.config import TrainConfig, apply_overrides, build, list_presets, load_preset, read_yaml, to_dict
 from rl_align.envs import EnvConfig, Oracle, check_task, make_vec_env, require_cost
 from rl_align.checkpoints import disk_message, write_text_atomic
@@ -78,8 +79,19 @@ def resolve_config(env: str, agent: str, overrides: list[str] = (), steps: int |
     run_data = dict(agent_data.pop("run", None) or {})
     env_data = dict(env_data)
     run_data.update({k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None})
+    agent_data = switch_rule(agent_data, list(overrides))
     data = apply_overrides({"env": env_data, "agent": agent_data, "run": run_data}, list(overrides))
     return from_data(env_name, agent_name, algo, data)
+
+
+def switch_rule(agent_data: dict, overrides: list[str]) -> dict:
+    """When ``--set agent.constraint.method`` names another rule than the preset's, the preset's constraint
+    section keeps only the fields the new rule has (pd -> opd keeps ``lam_lr``; pd -> pid drops it)."""
+    section = agent_data.get("constraint")
+    chosen = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "agent.constraint.method" and "=" in o]
+    if not chosen or not isinstance(section, dict) or chosen[-1] == section.get("method", "none"):
+        return agent_data
+    return {**agent_data, "constraint": ConstraintConfig.own_fields({**section, "method": chosen[-1]})}
 
 
 def from_data(env_name: str, agent_name: str, algo: str, data: dict) -> RunConfig:
@@ -105,7 +117,9 @@ def build_agent(cfg: RunConfig):
     env = make_vec_env(cfg.env, cfg.agent.n_envs, seed=cfg.run.seed)
     oracle = Oracle(cfg.env.oracle, seed=cfg.run.seed + 7919)
     cls, _ = get_agent(cfg.algo)
-    return cls(cfg.agent, env, seed=cfg.run.seed, device=cfg.run.device, oracle=oracle, total_steps=cfg.run.steps), env
+    constrained = getattr(getattr(cfg.agent, "constraint", None), "method", "none") != "none"
+    budget = {"cost_limit": cfg.env.cost.limit, "horizon": episode_horizon(cfg.env)} if constrained else {}  # d = env.cost.limit
+    return cls(cfg.agent, env, seed=cfg.run.seed, device=cfg.run.device, oracle=oracle, total_steps=cfg.run.steps, **budget), env
 
 
 # agent keys renamed (old -> new), for the agents whose config has the new key: one name for one thing
@@ -122,6 +136,8 @@ def load_run_config(folder: Path) -> RunConfig:
         for old, new in RENAMED_AGENT_KEYS.items():
             if new in {f.name for f in fields} and new not in agent and agent.get(old) is not None:
                 agent[new] = agent.pop(old)
+        if isinstance(agent.get("constraint"), dict):  # written when one config held every rule's fields
+            agent["constraint"] = ConstraintConfig.own_fields(agent["constraint"])
         return from_data(data["env_name"], data["agent_name"], data["algo"], data)
     except KeyError as exc:
         raise UserError(f"{folder}/config.yaml lacks {exc}; it is not an rl-align run folder") from None

@@ -1,7 +1,8 @@
 """The constraint layer: each multiplier rule against its closed form, OPD with optimism off equals PD,
 the bandit lab and the MuJoCo layer step the same multiplier, one cost limit read by training,
 evaluation and the report, a fresh cost estimate at every dual step, primal optimism acting on PPO and
-SAIL-RevKL, and a tight velocity limit on real HalfCheetah-v5 lowering the episode cost."""
+SAIL-RevKL, per-rule configs, a layer that owns its critic and optimizer and steps as the one optimizer did,
+and a tight velocity limit on real HalfCheetah-v5 lowering the episode cost."""
 
 import csv
 import subprocess
@@ -81,8 +82,8 @@ def test_bandit_lab_and_mujoco_layer_give_the_same_multiplier_sequence(optimism)
     r, c, d = np.array(bandit.DEFAULT_REWARDS), np.array(bandit.DEFAULT_COSTS), bandit.DEFAULT_BUDGET
     lab = bandit.primal_dual(r, c, d, eta=0.1, iters=300, primal_optimism=optimism[0], dual_optimism=optimism[1])
     method = "opd" if any(optimism) else "pd"
-    lag = _layer(method, f"env.cost.limit={d}", "agent.constraint.lam_lr=0.1", f"agent.constraint.primal_optimism={str(optimism[0]).lower()}",
-                 f"agent.constraint.dual_optimism={str(optimism[1]).lower()}")
+    switches = [f"agent.constraint.primal_optimism={str(optimism[0]).lower()}", f"agent.constraint.dual_optimism={str(optimism[1]).lower()}"]
+    lag = _layer(method, f"env.cost.limit={d}", "agent.constraint.lam_lr=0.1", *(switches if method == "opd" else []))  # pd has no switches
     lams = [lag.multiplier.update(pi @ c) for pi in lab["iterates"][:-1]]  # the lab's exact costs pi_t . c
     assert lab["lam"].max() > 0.5 and lams == list(lab["lam"][1:])  # bit for bit
 
@@ -197,7 +198,8 @@ def test_layer_state_survives_a_checkpoint(tmp_path):
 
 # ---- a learning check -----------------------------------------------------------------------------------
 def _episode_costs(method, tmp_path, seed):
-    cfg = resolve_config("halfcheetah", "ppo-lag", [f"agent.constraint.method={method}", "agent.constraint.lam_lr=0.01",
+    lr = ["agent.constraint.lam_lr=0.01"] if method != "none" else []  # no constraint, no step size
+    cfg = resolve_config("halfcheetah", "ppo-lag", [f"agent.constraint.method={method}", *lr,
                                                     "env.cost.threshold=0.5", f"run.out_dir={tmp_path}", "run.progress=false",
                                                     "run.eval_episodes=1"], steps=30_000, seed=seed)
     folder, _ = train(cfg, quiet=True)
@@ -228,10 +230,101 @@ def test_constrained_sail_revkl_presets_are_the_sail_revkl_preset_plus_a_constra
     ("agent.constraint.method=ppd", "constraint.method"),
     ("agent.constraint.lam_lr=-1", "lam_lr"),
     ("agent.constraint.lam_max=inf", "lam_max"),
+    ("agent.constraint.kp=0.1", "agent.constraint.kp is not a field of the pd rule; its fields: method, lam_init, lam_lr, lam_max"),
 ])
 def test_bad_constraint_config(override, message):
     with pytest.raises(UserError, match=message):
         resolve_config("halfcheetah", "ppo-lag", [override])
+
+
+# ---- per-rule configs, a layer that owns its critic ----------------------------------------------------
+def test_each_rule_holds_only_its_own_fields_and_a_switch_keeps_the_shared_ones():
+    assert set(vars(resolve_config("halfcheetah", "ppo-lag").agent.constraint)) == {"method", "limit", "lam_init", "lam_lr", "lam_max"}
+    pid = resolve_config("halfcheetah", "ppo-pid").agent.constraint
+    assert set(vars(pid)) == {"method", "limit", "lam_init", "kp", "ki", "kd", "lam_max"}
+    opd = resolve_config("halfcheetah", "ppo-lag", ["agent.constraint.method=opd"]).agent.constraint  # pd -> opd keeps lam_lr
+    assert opd.lam_lr == 0.002 and opd.primal_optimism
+    switched = resolve_config("halfcheetah", "ppo-lag", ["agent.constraint.method=pid", "agent.constraint.kp=0.3"]).agent.constraint
+    assert not hasattr(switched, "lam_lr") and switched.kp == 0.3  # pd -> pid drops lam_lr
+    assert not hasattr(resolve_config("halfcheetah", "ppo").agent.constraint, "lam_lr")
+    res = subprocess.run([sys.executable, "-m", "rl_align.cli", "train", "--steps", "100", "--agent", "ppo-pid", "--set", "agent.constraint.lam_lr=0.1"],
+                         capture_output=True, text=True, timeout=120)
+    lines = [line for line in res.stderr.splitlines() if line.strip() and "WARNING" not in line and "settotalmass" not in line]
+    assert res.returncode == 2 and len(lines) == 1 and "lam_lr is not a field of the pid rule" in lines[0] and "kp, ki, kd" in lines[0], res.stderr
+
+
+def test_a_run_folder_written_with_every_rules_fields_still_loads(tmp_path):
+    from rl_align.runs import load_run_config
+    import yaml
+
+    cfg = resolve_config("halfcheetah", "ppo-lag", TINY + [f"run.out_dir={tmp_path}"], steps=256)
+    folder, _ = train(cfg, quiet=True)
+    data = yaml.safe_load((folder / "config.yaml").read_text())
+    data["agent"]["constraint"].update(kp=0.002, ki=0.0005, kd=0.002, primal_optimism=True, dual_optimism=True)  # the old union
+    (folder / "config.yaml").write_text(yaml.safe_dump(data))
+    assert load_run_config(folder).agent.constraint.lam_lr == 0.002
+
+
+def test_the_layer_owns_its_critic_and_optimizer_and_the_limit_comes_from_the_loop():
+    cfg = resolve_config("halfcheetah", "ppo-lag", TINY + ["env.cost.limit=7"])
+    agent, venv = build_agent(cfg)
+    lag = agent.lagrangian
+    assert lag.limit == 7 and lag.horizon == 100 and not hasattr(agent, "cost_value")
+    own = {id(p) for g in agent.optimizer.param_groups for p in g["params"]}
+    assert own.isdisjoint(id(p) for p in lag.cost_value.parameters()) and lag.parameters() == list(lag.cost_value.parameters())
+    assert {"lagrangian", "cost_value", "cost_optimizer"} <= set(agent.modules())
+    with pytest.raises(ValueError, match="cost_limit"):
+        type(agent)(cfg.agent, venv, seed=0)  # constrained, and the loop gave no limit
+    venv.close()
+
+
+def test_the_agents_clip_is_torchs_bit_for_bit():
+    from rl_align.nets import ValueNet, clip_grad_norm_
+
+    torch.manual_seed(1)
+    net = ValueNet(5, [16, 16], "tanh", True)
+    for max_norm in (1e-3, 1e3):  # clipped, and left as it is
+        grads = []
+        for clip in (torch.nn.utils.clip_grad_norm_, clip_grad_norm_):
+            net.zero_grad(set_to_none=True)
+            torch.manual_seed(2)
+            (net(torch.randn(64, 5)) ** 2).mean().backward()
+            norm = clip(list(net.parameters()), max_norm)
+            grads.append((norm, [p.grad.clone() for p in net.parameters()]))
+        (n1, g1), (n2, g2) = grads
+        assert torch.equal(n1, n2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_two_optimizers_step_as_the_one_with_two_groups_did():
+    """The split that moved the cost critic out of the agent's Adam: same clip (one global norm), same
+    steps, bit for bit, against the old arrangement (one Adam, the critic its second group)."""
+    from rl_align.agents.lagrangian import split_optimizer_state
+    from rl_align.nets import ValueNet, adam_kwargs
+
+    torch.manual_seed(0)
+    nets = [ValueNet(5, [16], "tanh", True) for _ in range(4)]
+    old_a, old_c, new_a, new_c = nets
+    new_a.load_state_dict(old_a.state_dict())
+    new_c.load_state_dict(old_c.state_dict())
+    kw = {"lr": 1e-2, "eps": 1e-5, **adam_kwargs(torch.device("cpu"))}
+    one = torch.optim.Adam(old_a.parameters(), **kw)
+    one.add_param_group({"params": list(old_c.parameters())})
+    two = torch.optim.Adam(new_a.parameters(), **kw), torch.optim.Adam(new_c.parameters(), **kw)
+    for step in range(5):
+        x = torch.randn(32, 5)
+        for a, c, opts in ((old_a, old_c, [one]), (new_a, new_c, list(two))):
+            for o in opts:
+                o.zero_grad()
+            ((a(x) - 1) ** 2 + 3 * (c(x) + 2) ** 2).mean().backward()
+            torch.nn.utils.clip_grad_norm_([*a.parameters(), *c.parameters()], 0.5)
+            for o in opts:
+                o.step()
+    for p, q in zip([*old_a.parameters(), *old_c.parameters()], [*new_a.parameters(), *new_c.parameters()]):
+        assert torch.equal(p, q)
+    own, cost = split_optimizer_state(one.state_dict())  # an old checkpoint's optimizer, split
+    fresh = torch.optim.Adam(new_c.parameters(), **kw)
+    fresh.load_state_dict(cost)
+    assert all(torch.equal(fresh.state_dict()["state"][k]["exp_avg"], two[1].state_dict()["state"][k]["exp_avg"]) for k in cost["state"])
 
 
 def test_sail_revkl_opd_runs_with_the_same_layer(tmp_path):

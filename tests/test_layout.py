@@ -10,7 +10,8 @@ import rl_align
 ROOT = Path(rl_align.__file__).parent
 
 # bottom to top; a module's floor is that of its name under rl_align (rl_align/agents/sail.py -> agents)
-# (the label package spans floors: its store sits at the bottom, the page and its command at the top)
+# (the label package spans floors: its store sits at the bottom, the agents' reading of it beside the agents,
+# collecting pairs from a run above the runs and evaluation, the page and its command at the top)
 FLOORS = [
     {"errors", "buffer", "nets", "logger", "diagnostics", "stats", "multipliers", "losses", "checkpoints", "signals", "labels",
      "labels.store"},
@@ -110,6 +111,45 @@ def test_the_checker_sees_a_back_edge_and_a_cycle(tmp_path):
     # the circle this layout removed: base -> lagrangian -> ppo -> base
     assert find_cycle({"base": {"lagrangian"}, "lagrangian": {"ppo"}, "ppo": {"base"}}) == ["base", "lagrangian", "ppo", "base"]
     assert find_cycle({"base": {"lagrangian"}, "ppo": {"base", "lagrangian"}}) is None
+
+
+# modules whose every reach into an object they are handed goes through that object's public methods
+OWN_ONLY = ["labels", "agents/lagrangian.py"]
+
+
+def foreign_reaches(path: Path) -> list[str]:
+    """In each function of ``path``: assignments to an attribute of an argument (``oracle.queries += n``,
+    ``agent.cost_value = ...``) and reads of another object's private attribute (``reward._tensors``)."""
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        args = {a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs} - {"self", "cls"}
+        for node in ast.walk(fn):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in targets:
+                while isinstance(t, (ast.Attribute, ast.Subscript)):
+                    if isinstance(t.value, ast.Name) and t.value.id in args:
+                        found.append(f"{path.name}:{node.lineno} {fn.name} writes into its argument {t.value.id}")
+                    t = t.value
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{path.name}:{node.lineno} {fn.name} reads the private {node.attr}")
+    return found
+
+
+def test_labels_and_the_lagrangian_layer_use_other_objects_public_methods_only():
+    paths = [p for name in OWN_ONLY for p in ((ROOT / name).rglob("*.py") if (ROOT / name).is_dir() else [ROOT / name])]
+    found = [r for p in paths for r in foreign_reaches(p)]
+    assert not found, "reaches into another object's internals:\n" + "\n".join(found)
+
+
+def test_the_reach_checker_sees_a_write_and_a_private_read(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("def f(oracle, reward, n):\n    oracle.queries += n\n    reward.data['x'] = 1\n    return reward._tensors()\n"
+                   "def g(self, seg):\n    self.x = 1\n    out = seg\n    out.obs = 2\n")
+    found = foreign_reaches(src)
+    assert len(found) == 3 and "argument oracle" in found[0] and "argument reward" in found[1] and "_tensors" in found[2], found
 
 
 def test_design_citations_name_sections_of_the_repositorys_design_file():

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rl_align.agents.lagrangian import ConstraintConfig, Lagrangian, episode_horizon
+from rl_align.agents.lagrangian import ConstraintConfig, Lagrangian, split_optimizer_state
 from rl_align.buffer import RolloutBuffer
 from rl_align.envs import VecEnv
 from rl_align.errors import UserError
-from rl_align.nets import ACTIVATIONS, GaussianPolicy, RunningMeanStd, ValueNet, numpy_forward
+from rl_align.nets import ACTIVATIONS, GaussianPolicy, RunningMeanStd, ValueNet, adam_kwargs, clip_grad_norm_, numpy_forward
 
 
 @dataclass
@@ -118,6 +118,10 @@ class Agent:
                             "set agent.hidden / agent.activation to match it") from None
         self.obs_rms.load_state_dict(state["obs_rms"])
 
+    def freeze_normalizer(self) -> None:
+        """Stop updating the observation normalizer (acting for someone else: collecting pairs to label)."""
+        self.freeze_obs_rms = True
+
     def reference(self) -> torch.nn.Module | None:
         """The policy evaluation measures this agent against (win rate, KL): pi_ref, or None."""
         return None
@@ -189,23 +193,29 @@ class OnPolicyAgent(Agent):
     config_cls = OnPolicyConfig
     config: OnPolicyConfig
 
-    def __init__(self, config: OnPolicyConfig, env: VecEnv, seed: int, device: str = "cpu", oracle=None, total_steps: int = 1) -> None:
+    def __init__(self, config: OnPolicyConfig, env: VecEnv, seed: int, device: str = "cpu", oracle=None, total_steps: int = 1,
+                 cost_limit: float | None = None, horizon: int | None = None) -> None:
+        """``cost_limit`` (``env.cost.limit``) and ``horizon`` (the episode length H) come from the training
+        loop; a constrained agent needs both."""
         super().__init__(config, env, seed, device, oracle, total_steps)
         c, obs_dim, act_dim = config, self.obs_dim, self.act_dim
         self.policy = GaussianPolicy(obs_dim, act_dim, c.hidden, c.activation, c.log_std_init, c.ortho_init).to(self.device)
         self.value = ValueNet(obs_dim, c.hidden, c.activation, c.ortho_init).to(self.device)
-        self.cost_value: ValueNet | None = None  # built by the Lagrangian layer when constrained
         self.buffer = RolloutBuffer(c.n_steps, env.n_envs, obs_dim, act_dim)
         self.optimizer = torch.optim.Adam(list(self.policy.parameters()) + list(self.value.parameters()), lr=c.lr, eps=1e-5, **adam_kwargs(self.device))
-        self.lagrangian = (Lagrangian(c.constraint, self, limit=env.config.cost.limit, horizon=episode_horizon(env.config))  # d = env.cost.limit
-                           if c.constraint.method != "none" else None)
+        self.lagrangian: Lagrangian | None = None
+        self._trained: list[torch.nn.Parameter] | None = None  # trained_parameters(), built on first use
+        if c.constraint.method != "none":
+            if cost_limit is None or horizon is None:
+                raise ValueError("a constrained agent needs cost_limit (env.cost.limit) and horizon from the training loop")
+            self.lagrangian = Lagrangian(c.constraint, cost_limit, horizon, obs_dim, c.hidden, c.activation, c.ortho_init, c.lr, self.device)
 
     def actor(self, policy: torch.nn.Module | None = None) -> "NumpyActor":
         """A NumPy snapshot for acting: the current policy and critics, or ``policy`` alone (e.g. pi_ref,
         seen through this agent's normalizer)."""
         if policy is not None:
             return NumpyActor(policy)
-        return NumpyActor(self.policy, self.value, self.cost_value)
+        return NumpyActor(self.policy, self.value, self.lagrangian.cost_value if self.lagrangian is not None else None)
 
     # ---- rollout ----------------------------------------------------------------------------------
     def collect(self, env: VecEnv, raw_obs: np.ndarray, tracker: "EpisodeTracker") -> np.ndarray:
@@ -252,16 +262,29 @@ class OnPolicyAgent(Agent):
         lr = self.config.lr * max(frac, 0.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.lagrangian is not None:
+            self.lagrangian.set_lr(lr)
         return lr
 
     def step_optimizer(self, loss: torch.Tensor, params: list[torch.nn.Parameter] | None = None) -> float:
-        """Backward, clip the gradient norm, Adam step; returns the pre-clip gradient norm."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """Backward, clip the gradient norm (over this agent's parameters and the Lagrangian layer's, one
+        global norm, or over ``params``), Adam steps; returns the pre-clip gradient norm."""
+        everything = self.trained_parameters()
+        for p in everything:  # zero_grad(set_to_none=True) of both optimizers
+            p.grad = None
         loss.backward()
-        params = params if params is not None else [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        norm = clip_grad_norm_(params if params is not None else everything, self.config.max_grad_norm)
         self.optimizer.step()
+        if self.lagrangian is not None:
+            self.lagrangian.step()
         return float(norm)
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters of this agent's optimizer, then the Lagrangian layer's (fixed after construction)."""
+        if self._trained is None:
+            self._trained = [p for g in self.optimizer.param_groups for p in g["params"]] + (
+                self.lagrangian.parameters() if self.lagrangian is not None else [])
+        return self._trained
 
     def minibatches(self, n: int, size: int):
         """Shuffled index minibatches over ``n`` samples from the agent's seeded generator."""
@@ -272,23 +295,19 @@ class OnPolicyAgent(Agent):
     # ---- checkpoints -------------------------------------------------------------------------------
     def modules(self) -> dict:
         mods = {**super().modules(), "value": self.value}
-        if self.cost_value is not None:
-            mods["cost_value"] = self.cost_value
         if self.lagrangian is not None:
-            mods["lagrangian"] = self.lagrangian
+            mods.update(self.lagrangian.modules())
         return mods
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.lagrangian is not None and "cost_optimizer" not in state:  # written when the cost critic was a group of ours
+            own, cost = split_optimizer_state(state["optimizer"])
+            state = {**state, "optimizer": own, "cost_optimizer": cost}
         super().load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-def adam_kwargs(device: torch.device) -> dict:
-    """The fused Adam kernel on CPU and CUDA (measured 15% faster per minibatch than foreach here)."""
-    return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
 
 class NumpyActor:

@@ -118,10 +118,11 @@ class PPO(OnPolicyAgent):
         metrics: dict[str, float] = self.reward.before_update(self)  # RLHF: new labels, reward-model fit
         lr = self.set_lr()
         buf.compute_gae(c.gamma, c.gae_lambda, rewards=self.reward.rewards(self))
-        if self.lagrangian is not None:
-            metrics.update(self.lagrangian.before_update(self, episodes))
         batch = buf.flat(self.device)
-        adv_all = self.lagrangian.advantages if self.lagrangian is not None else batch["advantages"]  # A_L or A_r
+        adv_all = batch["advantages"]  # A_r
+        if self.lagrangian is not None:
+            metrics.update(self.lagrangian.dual_step(buf.costs, episodes))
+            adv_all = self.lagrangian.advantages(buf.advantages, buf.cost_advantages)  # A_L = (A_r - lam A_c) / (1 + lam)
         n = buf.T * buf.N
         if c.diag_every and self.updates % c.diag_every == 0:
             metrics["grad/pg_halves_cos"] = self.halves_cosine(batch, adv_all)
@@ -139,7 +140,7 @@ class PPO(OnPolicyAgent):
                 entropy = dist.entropy().sum(-1).mean()
                 loss = pg_loss + c.vf_coef * v_loss - c.ent_coef * entropy
                 if self.lagrangian is not None:
-                    loss = loss + c.vf_coef * self.lagrangian.cost_value_loss(self, batch, idx)
+                    loss = loss + c.vf_coef * self.lagrangian.cost_value_loss(batch["obs"][idx], batch["cost_returns"][idx])
                 stats["grad_norm"].append(self.step_optimizer(loss))
                 for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy), ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
                     stats[k].append(v.item())

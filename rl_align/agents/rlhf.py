@@ -152,20 +152,23 @@ class LearnedReward:
         Before they join it, the reward model ranks them: its held-out accuracy on the fresh rollout."""
         c = self.config
         if self.oracle.config.kind == "human":  # labels a person gave in a label store (rl_align/labels/learn.py)
-            return rlhf_preferences(agent, self)
-        remaining = self.oracle.remaining()
-        want = c.queries_per_update if remaining is None else min(c.queries_per_update, remaining)
-        lp = label_pairs(agent.buffer, c.segment_len, want, agent.rng, self.oracle)
-        if lp is None:
-            return {"rlhf/new_pairs": 0.0}
-        seg, i, j, labels = lp.seg, lp.i, lp.j, lp.labels
-        keep = np.isfinite(labels)  # skipped queries carry nothing; ties stay as targets of 1/2
-        new = {"obs1": seg.raw_obs[i[keep]], "act1": seg.actions[i[keep]], "mask1": seg.mask[i[keep]].astype(np.float32),
-               "obs2": seg.raw_obs[j[keep]], "act2": seg.actions[j[keep]], "mask2": seg.mask[j[keep]].astype(np.float32),
-               "label": labels[keep].astype(np.float32)}
-        m = {"rlhf/new_pairs": float(keep.sum()), "pref/oracle_agreement": lp.agreement}
-        if keep.any():
-            m["pref/heldout_accuracy"] = self.model.accuracy(*self._tensors(agent, new, np.ones(int(keep.sum()), bool)))
+            m, new = rlhf_preferences(agent)
+        else:
+            remaining = self.oracle.remaining()
+            want = c.queries_per_update if remaining is None else min(c.queries_per_update, remaining)
+            lp = label_pairs(agent.buffer, c.segment_len, want, agent.rng, self.oracle)
+            if lp is None:
+                return {"rlhf/new_pairs": 0.0}
+            seg, i, j, labels = lp.seg, lp.i, lp.j, lp.labels
+            keep = np.isfinite(labels)  # skipped queries carry nothing; ties stay as targets of 1/2
+            new = {"obs1": seg.raw_obs[i[keep]], "act1": seg.actions[i[keep]], "mask1": seg.mask[i[keep]].astype(np.float32),
+                   "obs2": seg.raw_obs[j[keep]], "act2": seg.actions[j[keep]], "mask2": seg.mask[j[keep]].astype(np.float32),
+                   "label": labels[keep].astype(np.float32)}
+            m = {"rlhf/new_pairs": float(keep.sum()), "pref/oracle_agreement": lp.agreement}
+        if new is None:
+            return m
+        if len(new["label"]):
+            m["pref/heldout_accuracy"] = self.model.accuracy(*self._tensors(agent, new, np.ones(len(new["label"]), bool)))
         for k, v in new.items():
             self.data[k] = np.concatenate([self.data[k], v])
         return m

@@ -274,7 +274,7 @@ class SAIL(OnPolicyAgent):
         metrics: dict[str, float] = {"train/lr": lr}
         if self.lagrangian is not None:
             self.buffer.compute_gae(c.gamma, c.gae_lambda, rewards=np.zeros_like(self.buffer.costs))  # never the true reward: only cost advantages are used
-            metrics.update(self.lagrangian.before_update(self, episodes))
+            metrics.update(self.lagrangian.dual_step(self.buffer.costs, episodes))
         fresh = self._batch()
         self.updates += 1
         if fresh is None:  # no valid pair: skip, or Adam's momentum would still move the weights
@@ -301,7 +301,7 @@ class SAIL(OnPolicyAgent):
                 terms = J.terms(self.policy, self.ref_policy, b, idx)
                 loss = -J.objective(terms)
                 if self.lagrangian is not None:
-                    loss = loss + self.lagrangian.sail_cost_loss(self, flat, n_mb)
+                    loss = loss + self.lagrangian.cost_surrogate_loss(self.policy, flat, self.cost_steps(flat, n_mb), c.clip)
                 stats["grad_norm"].append(self.step_optimizer(loss))
                 with torch.no_grad():
                     if c.log_std_min is not None:  # projected step onto {log_std >= floor}
@@ -341,9 +341,15 @@ class SAIL(OnPolicyAgent):
         if self.lagrangian is None:
             return {}
         state = self.rng.bit_generator.state
-        part = -self.lagrangian.sail_cost_loss(self, self.buffer.flat(self.device), 1)
+        flat = self.buffer.flat(self.device)
+        part = -self.lagrangian.cost_surrogate_loss(self.policy, flat, self.cost_steps(flat, 1), self.config.clip)
         self.rng.bit_generator.state = state
         return {"cost": part}
+
+    def cost_steps(self, flat: dict[str, torch.Tensor], n_minibatches: int) -> torch.Tensor:
+        """A random ``1 / n_minibatches`` of the rollout's steps (from ``self.rng``) for the Lagrangian cost term."""
+        n = flat["obs"].shape[0]
+        return torch.as_tensor(self.rng.choice(n, size=max(1, n // n_minibatches), replace=False), device=self.device)
 
     def _scheduled(self, metrics: dict[str, float], f: float) -> dict[str, float]:
         """After the update, the reference schedule (if any) may move pi_ref; ``f`` is the loss's statistic."""

@@ -172,6 +172,15 @@ class Oracle:
         labels[:asked] = lab
         return labels
 
+    def queue(self, segments: dict[str, np.ndarray], i: np.ndarray, j: np.ndarray, source: str) -> int:
+        """The ``human`` kind: queue pairs of ``segments`` (the store's fields) in the label store, each one a
+        query spent against the budget; returns how many were queued."""
+        if self.feed is None:
+            raise ValueError(f"only the human oracle queues pairs for a person; this one is {self.config.kind}")
+        n = len(self.feed.queue(segments, i, j, source))
+        self.queries += n
+        return n
+
     def agreement(self, seg1: Any, seg2: Any, labels: np.ndarray) -> float:
         """Share of decided labels (0 or 1) that pick the segment of higher true return (sum of rewards):
         1 for the deterministic teacher on the reward, lower for noisy, myopic or intransitive ones.

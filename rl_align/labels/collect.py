@@ -35,7 +35,7 @@ def collect_from_agent(agent, env_config, store: LabelStore, n_pairs: int, seed:
 
     if segment_len > agent.buffer.T:
         raise UserError(f"--segment-len {segment_len} is longer than the agent's rollout ({agent.buffer.T} steps per env)")
-    agent.freeze_obs_rms = True
+    agent.freeze_normalizer()
     env = make_vec_env(env_config, agent.buffer.N, seed=seed)
     obs, ids = env.reset(), []
     tracker = EpisodeTracker(agent.buffer.N)

@@ -49,9 +49,7 @@ def post_rollout_pairs(agent, segment_len: int) -> int:
     if want == 0 or len(seg) < 2:
         return 0
     i, j = agent.buffer.pairs(len(seg), want, agent.rng)
-    ids = oracle.feed.store.add_pairs(segment_arrays(agent, seg), i, j, source=f"trainer@{agent.env_steps}")
-    oracle.queries += len(ids)
-    return len(ids)
+    return oracle.queue(segment_arrays(agent, seg), i, j, source=f"trainer@{agent.env_steps}")
 
 
 def stored_segments(side: dict[str, np.ndarray], rows: np.ndarray) -> Segments:
@@ -62,9 +60,9 @@ def stored_segments(side: dict[str, np.ndarray], rows: np.ndarray) -> Segments:
 
 def check_segment_len(agent) -> None:
     """The store's segments and the agent's must have one length (the reward model and ``h`` sum over it)."""
-    H = agent.oracle.feed.store.segment_len
+    H = agent.oracle.feed.segment_len
     if H != agent.config.segment_len:
-        raise UserError(f"the label store {agent.oracle.feed.store.path} holds {H}-step segments; set agent.segment_len={H}")
+        raise UserError(f"the label store {agent.oracle.feed.path} holds {H}-step segments; set agent.segment_len={H}")
 
 
 def sail_batch(agent) -> PreferenceBatch | None:
@@ -100,10 +98,10 @@ def sail_batch(agent) -> PreferenceBatch | None:
                            oracle_agreement=oracle.agreement(sel(first), sel(second), lab))
 
 
-def rlhf_preferences(agent, reward) -> dict[str, float]:
-    """RLHF's step with a store (``reward``: its ``LearnedReward``): queue this rollout's pairs (online), then
-    add the labels that arrived to the reward model's dataset (ties as targets of 1/2, skips dropped), ranked
-    by the model before they join."""
+def rlhf_preferences(agent) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+    """RLHF's read of a store: queue this rollout's pairs (online), then return the labels that arrived as
+    rows of the reward model's dataset (``obs1 act1 mask1 obs2 act2 mask2 label``; ties as targets of 1/2,
+    skips dropped), or None if none arrived, with the metrics of the read. The reward component adds them."""
     c, oracle = agent.config, agent.oracle
     check_segment_len(agent)
     posted = post_rollout_pairs(agent, c.segment_len)
@@ -113,17 +111,14 @@ def rlhf_preferences(agent, reward) -> dict[str, float]:
     rows = rows[np.isfinite(d["label"][rows])]
     m = {"rlhf/new_pairs": float(len(rows)), "human/posted": float(posted)}
     if len(rows) == 0:
-        return m
+        return m, None
     first, second = d["first"], d["second"]
     new = {"obs1": first["obs"][rows], "act1": first["actions"][rows], "mask1": first["mask"][rows].astype(np.float32),
            "obs2": second["obs"][rows], "act2": second["actions"][rows], "mask2": second["mask"][rows].astype(np.float32),
            "label": d["label"][rows].astype(np.float32)}
     sel = lambda side: stored_segments(side, rows)  # noqa: E731
     m["pref/oracle_agreement"] = oracle.agreement(sel(first), sel(second), d["label"][rows])
-    m["pref/heldout_accuracy"] = reward.model.accuracy(*reward._tensors(agent, new, np.ones(len(rows), bool)))
-    for k, v in new.items():
-        reward.data[k] = np.concatenate([reward.data[k], v])
-    return m
+    return m, new
 
 
 def post_pairs(oracle, s1: Segments, s2: Segments, env_steps: int) -> int:
@@ -134,9 +129,7 @@ def post_pairs(oracle, s1: Segments, s2: Segments, env_steps: int) -> int:
     segs["logp"] = segs["ref_logp"] = np.zeros(segs["mask"].shape, np.float32)
     segs["rewards"], segs["features"] = segs["rewards"].astype(np.float32), segs["features"].astype(np.float32)
     P = len(s1)
-    ids = oracle.feed.store.add_pairs(segs, np.arange(P), np.arange(P, 2 * P), source=f"trainer@{env_steps}")
-    oracle.queries += len(ids)
-    return len(ids)
+    return oracle.queue(segs, np.arange(P), np.arange(P, 2 * P), source=f"trainer@{env_steps}")
 
 
 def arrived_labels(agent, oracle) -> tuple[Segments | None, Segments | None, np.ndarray]:

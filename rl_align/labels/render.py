@@ -87,12 +87,14 @@ class ClipRenderer:
 
 
 def ensure_clips(store, renderer: ClipRenderer, pair: dict) -> dict:
-    """The pair with both clip paths (relative to the store's folder), rendering the missing ones."""
+    """A copy of the pair with both clip paths (relative to the store's folder), rendering the missing ones
+    (the store records each new clip)."""
+    out = dict(pair)
     for side in ("1", "2"):
-        if pair[f"clip{side}"] is None or not (store.path.parent / pair[f"clip{side}"]).exists():
-            seg_id = pair[f"seg{side}"]
+        if out[f"clip{side}"] is None or not (store.path.parent / out[f"clip{side}"]).exists():
+            seg_id = out[f"seg{side}"]
             rel = f"{store.clip_dir.name}/{seg_id}.webm"
             renderer.write(store.segment(seg_id), store.path.parent / rel)
             store.set_clip(seg_id, rel)
-            pair[f"clip{side}"] = rel
-    return pair
+            out[f"clip{side}"] = rel
+    return out

@@ -406,6 +406,19 @@ class LabelFeed:
         self.seq = 0
         self.data = store.labelled(after_seq=10**18)  # empty, with the right keys
 
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    @property
+    def segment_len(self) -> int:
+        """H of the store's segments."""
+        return self.store.segment_len
+
+    def queue(self, segments: dict[str, np.ndarray], i: np.ndarray, j: np.ndarray, source: str) -> list[int]:
+        """Queue the pairs ``(segments[i[k]], segments[j[k]])`` for a person to label; returns their ids."""
+        return self.store.add_pairs(segments, i, j, source=source)
+
     def poll(self) -> int:
         """Read the labels that arrived since the last poll; returns how many."""
         new = self.store.labelled(after_seq=self.seq)
