@@ -6,7 +6,8 @@ ones), on HalfCheetah-v5 and DMC cheetah-run.
     python benchmarks/label_efficiency.py run --root /work/bench/labels --workers 2
     python benchmarks/label_efficiency.py report --root /work/bench/labels
 
-Runs go through the protocol's resumable queue (``benchmarks/pebble_protocol.py``), seed by seed. The
+Runs go through the protocol's resumable queue (``benchmarks/pebble_protocol.py``), seed by seed, and land
+in its record (``benchmarks/pebble_protocol.jsonl``), which ``report`` reads. The
 off-policy agents ask 20 labels every 2,000 steps for the 1,000 budget and 100 every 1,000 steps for the
 10,000 budget, so both budgets are spent inside the run; the on-policy agents spend theirs as they go
 (SAIL-RevKL labels all pairs of each rollout, RLHF ``queries_per_update`` per iteration).
@@ -25,7 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from pebble_protocol import load, run_queue  # noqa: E402
+from pebble_protocol import RECORD, load, run_queue  # noqa: E402
 
 from rl_align.stats import fmt, summarize  # noqa: E402
 
@@ -84,11 +85,11 @@ def cmd_report(args) -> None:
     fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4), squeeze=False)
     print(f"{'task':<18} {'method':<14} {'labels':>7}  stochastic return as a fraction of its ceiling (per seed)")
     for k, env in enumerate(TASKS):
-        ceilings = {m: {r["seed"]: r["stoch"] for r in load(args.root, env, m)} for m in ("ppo-ceiling", "sac-small")}
+        ceilings = {m: {r["seed"]: r["stoch"] for r in load(args.record, env, m)} for m in ("ppo-ceiling", "sac-small")}
         for method, (preset, ceiling) in METHODS.items():
             xs, ys = [], []
             for budget in args.budgets:
-                rs = load(args.root, env, f"{preset}-{budget}")
+                rs = load(args.record, env, f"{preset}-{budget}")
                 frac = [r["stoch"] / ceilings[ceiling][r["seed"]] for r in rs if r["seed"] in ceilings[ceiling]]
                 if not frac:
                     continue
@@ -100,6 +101,7 @@ def cmd_report(args) -> None:
         axes[0, k].set(title=env, xscale="log", xlabel="labels used", ylabel="fraction of the true-reward ceiling")
         axes[0, k].legend(fontsize=8)
     fig.tight_layout()
+    args.root.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.root / "label_efficiency.png", dpi=110)
     print(f"figure: {args.root / 'label_efficiency.png'}")
 
@@ -110,6 +112,8 @@ def main() -> None:
     for name in ("run", "report"):
         q = sub.add_parser(name)
         q.add_argument("--root", type=Path, required=True)
+        q.add_argument("--record", type=Path, default=RECORD, help="the JSONL of finished runs, shared with the protocol (its "
+                       "sac-small runs are this table's off-policy ceiling): %(default)s")
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         q.add_argument("--budgets", type=int, nargs="+", default=[1000, 10000])
     sub.choices["run"].add_argument("--workers", type=int, default=2)

@@ -7,9 +7,12 @@ Control tasks, several seeds, run as a resumable queue; then the rliable compari
     python benchmarks/pebble_protocol.py report --root /work/bench/screen --screen
 
 ``run`` works through the jobs seed by seed (every method of seed 0 first, then seed 1, ...), one
-``rl-align train`` process per worker, each into ``<root>/<env>/<agent>/s<seed>/``: a finished run is
-skipped, an interrupted one continues with ``--resume`` (so a stopped queue picks up where it was).
-``report`` prints, per task, each method's final stochastic and deterministic return (IQM with 95%
+``rl-align train`` process per worker, each into ``<root>/<env>/<agent>/s<seed>/``: an interrupted run
+continues with ``--resume`` (so a stopped queue picks up where it was). Each finished run is appended as
+one line (final returns, labels, wall-clock, the evaluation curve, the commit) to the record,
+``benchmarks/pebble_protocol.jsonl`` by default (``--record``), which is committed: a job already in the
+record is skipped, so the queue goes on across sessions and machines even when ``--root`` is gone, and
+``report`` reads the record, not the run folders. ``report`` prints, per task, each method's final stochastic and deterministic return (IQM with 95%
 stratified-bootstrap interval, mean ± std), its share of the true-reward ceiling, the labels it used,
 the probability of improvement of SAIL-RevKL over PEBBLE, and draws return against env steps and
 against labels (``<root>/protocol.png``). ``screen`` runs ``pebble-revkl`` on cheetah-run at 2 seeds x
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import platform
 import subprocess
 import sys
 import time
@@ -44,11 +48,38 @@ def job_folder(root: Path, env: str, agent: str, seed: int, tag: str = "") -> Pa
     return root / env / (agent + tag) / f"s{seed}"
 
 
-def run_job(root: Path, env: str, agent: str, seed: int, steps: int | None, sets: list[str], tag: str) -> str:
+RECORD = REPO / "benchmarks" / "pebble_protocol.jsonl"
+
+
+def read_record(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def finished(run_dir: Path) -> dict:
+    """One finished run folder as a record line: final returns, labels, wall-clock, evaluation curve."""
+    s = json.loads((run_dir / "summary.json").read_text())
+    curve, labels, feedback_s = [], 0.0, 0.0
+    with (run_dir / "progress.csv").open() as f:
+        for row in csv.DictReader(f):
+            labels = float(row.get("train/queries_used") or labels)  # logged on the rows where labels were spent
+            feedback_s += float(row.get("time/feedback_s") or 0.0)
+            if row.get("eval/return_stoch"):
+                curve.append((float(row["step"]), float(row["eval/return_stoch"]), labels))
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"seed": s["seed"], "stoch": s["final"]["eval/return_stoch"], "det": s["final"]["eval/return_det"],
+            "labels": s["queries_used"], "steps": s["env_steps"], "wall": s["wall_time_s"], "feedback_s": round(feedback_s, 1),
+            "curve": curve, "commit": commit, "host": platform.node()}
+
+
+def run_job(root: Path, env: str, agent: str, seed: int, steps: int | None, sets: list[str], tag: str, record: Path) -> str:
+    key = {"env": env, "method": agent + tag, "seed": seed}
+    if any(all(r.get(k) == v for k, v in key.items()) for r in read_record(record)):
+        return f"done   {env} {agent}{tag} s{seed} (in {record.name})"
     out = job_folder(root, env, agent, seed, tag)
     existing = sorted(out.glob("*/*/*/config.yaml"))
     if existing and (existing[-1].parent / "summary.json").exists():
-        return f"done   {env} {agent}{tag} s{seed}"
+        append_record(record, {**key, "sets": sets, **finished(existing[-1].parent)})
+        return f"done   {env} {agent}{tag} s{seed} (recorded)"
     if existing:
         cmd = ["train", "--resume", str(existing[-1].parent)]
     else:
@@ -60,7 +91,15 @@ def run_job(root: Path, env: str, agent: str, seed: int, steps: int | None, sets
     t0 = time.time()
     with (out / "log.txt").open("a") as log:
         r = subprocess.run([sys.executable, "-m", "rl_align.cli", *cmd], stdout=log, stderr=subprocess.STDOUT)
+    done = sorted(out.glob("*/*/*/summary.json"))
+    if r.returncode == 0 and done:
+        append_record(record, {**key, "sets": sets, **finished(done[-1].parent)})
     return f"{'ok' if r.returncode == 0 else f'rc={r.returncode}':6} {env} {agent}{tag} s{seed} ({time.time() - t0:.0f} s)"
+
+
+def append_record(path: Path, line: dict) -> None:
+    with path.open("a") as f:  # one short line per append: the two workers' lines never interleave
+        f.write(json.dumps(line) + "\n")
 
 
 def cmd_run(args) -> None:
@@ -70,7 +109,7 @@ def cmd_run(args) -> None:
 
 def run_queue(args, jobs: list[tuple]) -> None:
     with ThreadPoolExecutor(args.workers) as pool:
-        for line in pool.map(lambda j: run_job(args.root, j[0], j[1], j[2], args.steps, j[3], j[4]), jobs):
+        for line in pool.map(lambda j: run_job(args.root, j[0], j[1], j[2], args.steps, j[3], j[4], args.record), jobs):
             print(line, flush=True)
 
 
@@ -87,20 +126,9 @@ def cmd_screen(args) -> None:
     run_queue(args, jobs)
 
 
-def load(root: Path, env: str, agent: str) -> list[dict]:
-    """Per finished seed: final returns, labels, and the evaluation curve (step, stochastic return)."""
-    out = []
-    for summary_path in sorted((root / env / agent).glob("s*/*/*/*/summary.json")):
-        s = json.loads(summary_path.read_text())
-        curve, labels = [], 0.0
-        with (summary_path.parent / "progress.csv").open() as f:
-            for row in csv.DictReader(f):
-                labels = float(row.get("train/queries_used") or labels)  # logged on the rows where labels were spent
-                if row.get("eval/return_stoch"):
-                    curve.append((float(row["step"]), float(row["eval/return_stoch"]), labels))
-        out.append({"seed": s["seed"], "stoch": s["final"]["eval/return_stoch"], "det": s["final"]["eval/return_det"],
-                    "labels": s["queries_used"], "steps": s["env_steps"], "curve": curve, "wall": s["wall_time_s"]})
-    return out
+def load(record: Path, env: str, method: str) -> list[dict]:
+    """Per finished seed of one method on one task, from the record: final returns, labels, the curve."""
+    return sorted((r for r in read_record(record) if r["env"] == env and r["method"] == method), key=lambda r: r["seed"])
 
 
 def cmd_report(args) -> None:
@@ -108,7 +136,7 @@ def cmd_report(args) -> None:
         args.tasks, args.methods = ["cheetah-run-pref"], ["pebble-revkl" + screen_tag(*s) for s in SCREEN]
     lines = []
     for env in args.tasks:
-        results = {m: load(args.root, env, m) for m in args.methods}
+        results = {m: load(args.record, env, m) for m in args.methods}
         ceiling = {r["seed"]: r["stoch"] for r in results.get(CEILING, [])}
         lines.append(f"\n{env}")
         for m, rs in results.items():
@@ -136,7 +164,7 @@ def plot(args) -> None:
     fig, axes = plt.subplots(2, len(args.tasks), figsize=(5 * len(args.tasks), 7), squeeze=False)
     for k, env in enumerate(args.tasks):
         for m in args.methods:
-            rs = load(args.root, env, m)
+            rs = load(args.record, env, m)
             if not rs:
                 continue
             n = min(len(r["curve"]) for r in rs)
@@ -156,6 +184,7 @@ def plot(args) -> None:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
     fig.tight_layout()
+    args.root.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.root / "protocol.png", dpi=110)
     print(f"figure: {args.root / 'protocol.png'}")
 
@@ -166,6 +195,7 @@ def main() -> None:
     for name in ("run", "report", "screen"):
         q = sub.add_parser(name)
         q.add_argument("--root", type=Path, required=True, help="where the runs go (outside the checkout for long queues)")
+        q.add_argument("--record", type=Path, default=RECORD, help="the JSONL of finished runs (default: %(default)s)")
         q.add_argument("--tasks", nargs="+", default=list(TASKS))
         q.add_argument("--methods", nargs="+", default=list(METHODS))
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
