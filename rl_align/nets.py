@@ -77,21 +77,30 @@ class GaussianPolicy(nn.Module):
         return mu, self.log_std.expand_as(mu)
 
 
+def bounded_log_std(raw, low: float, high: float, bound: str = "tanh"):
+    """The actor's raw log-std output bounded to ``[low, high]``, for tensors and NumPy arrays alike:
+    ``tanh``: ``low + (high - low) (tanh(raw) + 1) / 2`` (PEBBLE's and the SAIL-RevKL paper's actor);
+    ``clip``: ``clip(raw, low, high)`` (stable-baselines3's SAC, with ``[-20, 2]``)."""
+    xp = torch if isinstance(raw, torch.Tensor) else np
+    return low + 0.5 * (high - low) * (xp.tanh(raw) + 1) if bound == "tanh" else xp.clip(raw, low, high)
+
+
 class SquashedGaussianPolicy(nn.Module):
     """SAC's actor: ``u ~ N(mu(s), diag(std(s)^2))``, ``a = tanh(u)`` in ``[-1, 1]`` (scaled to the action
-    bounds by the agent). ``log_std`` is bounded to ``[log_std_min, log_std_max]`` by a tanh, as in
-    PEBBLE's and the SAIL-RevKL paper's actor."""
+    bounds by the agent). ``log_std`` is bounded to ``[log_std_min, log_std_max]`` by :func:`bounded_log_std`
+    (a tanh, as in PEBBLE's and the SAIL-RevKL paper's actor; a clip for a reference read from SB3)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], activation: str = "relu",
-                 log_std_bounds: tuple[float, float] = (-5.0, 2.0)) -> None:
+                 log_std_bounds: tuple[float, float] = (-5.0, 2.0), log_std_bound: str = "tanh") -> None:
         super().__init__()
         self.trunk = mlp(obs_dim, 2 * act_dim, hidden, activation, 1.0, False)
         self.log_std_min, self.log_std_max = log_std_bounds
+        self.log_std_bound = log_std_bound
 
     def dist_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu, log_std)`` of the pre-squash Gaussian, each ``[B, act_dim]``."""
         mu, raw = self.trunk(obs).chunk(2, dim=-1)
-        return mu, self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(raw) + 1)
+        return mu, bounded_log_std(raw, self.log_std_min, self.log_std_max, self.log_std_bound)
 
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Reparameterized ``a = tanh(mu + std * eps)`` ``[B, act_dim]``, ``log pi(a|s)`` ``[B]`` (with the tanh

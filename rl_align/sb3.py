@@ -2,7 +2,8 @@
 
 In: an SB3 PPO / A2C ``MlpPolicy`` model zip (and its ``vecnormalize.pkl``) becomes rl-align's
 ``GaussianPolicy`` + observation normalizer, for ``agent.ref=sb3:<zip>`` (SAIL family) and
-``agent.init=sb3:<zip>`` (PPO / RLHF). ``PPO.load`` would run ``cloudpickle.loads`` on the zip's ``data``
+``agent.init=sb3:<zip>`` (PPO / RLHF); an SB3 SAC ``MlpPolicy`` zip becomes a ``SquashedGaussianPolicy``
+for ``agent.ref=sb3:<zip>`` of the sac agents (PEBBLE, SAIL-RevKL off-policy). ``PPO.load`` would run ``cloudpickle.loads`` on the zip's ``data``
 blobs and ``VecNormalize.load`` is a raw ``pickle.load``: here ``data`` is read as JSON only (the blobs
 stay base64 text), ``policy.pth`` with ``torch.load(weights_only=True)``, and ``vecnormalize.pkl`` with
 :class:`SafeUnpickler`, which admits numpy's array reconstruction and inert records of the few classes the
@@ -10,7 +11,10 @@ file names and refuses every other callable.
 
 Tensor mapping (SB3 ``ActorCriticPolicy`` -> ``GaussianPolicy``): ``mlp_extractor.policy_net.{0,2,..}``
 -> ``mean.{0,2,..}`` (hidden layers), ``action_net`` -> the mean's output layer, ``log_std`` -> ``log_std``;
-``mlp_extractor.value_net`` + ``value_net`` -> ``ValueNet.net`` on export.
+``mlp_extractor.value_net`` + ``value_net`` -> ``ValueNet.net`` on export. SB3 SAC's ``Actor`` ->
+``SquashedGaussianPolicy``: ``actor.latent_pi.{0,2,..}`` -> ``trunk.{0,2,..}``, ``actor.mu`` and
+``actor.log_std`` stacked into the trunk's output layer (mean first), the log-std clipped to SB3's
+``[-20, 2]`` (``log_std_bound: clip``); the critics are not read.
 
 Out: :class:`PolicyView` gives any rl-align checkpoint SB3's ``predict`` signature (``evaluate_policy`` and
 SB3-style scripts run on it); ``rl-align export --sb3 <run folder> <out.zip>`` writes a zip that SB3's own
@@ -34,10 +38,12 @@ import numpy as np
 import torch
 
 from rl_align.errors import UserError
-from rl_align.nets import ACTIVATIONS
+from rl_align.nets import ACTIVATIONS, SquashedGaussianPolicy
 
 SUPPORTED = ("supported: SB3 PPO / A2C 'MlpPolicy' (ActorCriticPolicy, flat Box observations, separate pi / vf "
              "layers, Tanh or ReLU activation, no gSDE)")
+SUPPORTED_SAC = "supported for the sac agents' agent.ref: SB3 SAC 'MlpPolicy' (flat Box observations, no gSDE, no VecNormalize)"
+SB3_SAC_LOG_STD = (-20.0, 2.0)  # stable_baselines3.sac.policies: LOG_STD_MIN, LOG_STD_MAX
 
 
 # ---- reading vecnormalize.pkl ---------------------------------------------------------------------
@@ -124,6 +130,7 @@ class SB3Policy:
     act_dim: int
     policy: dict[str, torch.Tensor]
     obs_rms: dict | None  # RunningMeanStd state; None: trained on raw observations
+    squashed: bool = False  # an SB3 SAC actor: ``policy`` is a SquashedGaussianPolicy state dict
 
 
 def split_spec(spec: str) -> tuple[Path, Path | None]:
@@ -161,12 +168,13 @@ def _read_zip(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return data, weights
 
 
-def _activation(data: dict, path: Path) -> str:
-    """The activation's name from ``policy_kwargs``: SB3 stores a class as its ``str()`` beside the blob."""
+def _activation(data: dict, path: Path, default: str = "tanh") -> str:
+    """The activation's name from ``policy_kwargs``: SB3 stores a class as its ``str()`` beside the blob.
+    Absent, the policy's default: ``tanh`` for ActorCriticPolicy, ``relu`` for SACPolicy."""
     kwargs = data.get("policy_kwargs") or {}
     fn = kwargs.get("activation_fn") if isinstance(kwargs, dict) else None
     if fn is None:
-        return "tanh"  # ActorCriticPolicy's default
+        return default
     m = re.fullmatch(r"<class 'torch\.nn\.modules\.activation\.(\w+)'>", str(fn))
     if m is None or m.group(1).lower() not in ACTIVATIONS:
         raise UserError(f"{path} uses activation {fn}; {SUPPORTED}")
@@ -186,6 +194,8 @@ def read_sb3(spec: str) -> SB3Policy:
     data, w = _read_zip(zip_path)
     pc = data.get("policy_class")
     init = str(pc.get("__init__", "")) if isinstance(pc, dict) else ""
+    if init.startswith("<function SACPolicy.__init__ ") and pc.get("__module__") == "stable_baselines3.sac.policies":
+        return _read_sac(zip_path, pkl_path, data, w)
     if not init.startswith("<function ActorCriticPolicy.__init__ ") or pc.get("__module__") != "stable_baselines3.common.policies":
         name = re.match(r"<function (\w+)\.", init)
         raise UserError(f"{zip_path} holds a {name.group(1) if name else 'non actor-critic'} policy; {SUPPORTED}")
@@ -210,6 +220,26 @@ def read_sb3(spec: str) -> SB3Policy:
     return SB3Policy(str(zip_path), hidden, _activation(data, zip_path), int(obs_dim), int(act_dim), policy, obs_rms)
 
 
+def _read_sac(zip_path: Path, pkl_path: Path | None, data: dict, w: dict) -> SB3Policy:
+    """An SB3 SAC actor as a ``SquashedGaussianPolicy`` state dict (see the module's mapping)."""
+    if data.get("use_sde"):
+        raise UserError(f"{zip_path} uses gSDE exploration (use_sde=True); {SUPPORTED_SAC}")
+    if pkl_path is not None and read_vecnormalize(pkl_path) is not None:
+        raise UserError(f"{zip_path} comes with a VecNormalize ({pkl_path}); {SUPPORTED_SAC}")
+    hid = _layers(w, "actor.latent_pi.")
+    actor = {k for k in w if k.startswith("actor.")}
+    expected = {f"actor.{n}.{p}" for n in ["mu", "log_std"] + [f"latent_pi.{i}" for i in hid] for p in ("weight", "bias")}
+    if actor != expected:
+        extra = sorted(actor - expected) or sorted(expected - actor)
+        raise UserError(f"{zip_path} has actor tensors this mapping does not know ({', '.join(extra[:3])}); {SUPPORTED_SAC}")
+    out = 2 * len(hid)  # the trunk's output layer: [mu; log_std]
+    policy = {f"trunk.{i}.{p}": w[f"actor.latent_pi.{i}.{p}"].float() for i in hid for p in ("weight", "bias")}
+    policy.update({f"trunk.{out}.{p}": torch.cat([w[f"actor.mu.{p}"], w[f"actor.log_std.{p}"]]).float() for p in ("weight", "bias")})
+    first = w["actor.latent_pi.0.weight"] if hid else w["actor.mu.weight"]
+    return SB3Policy(str(zip_path), [int(w[f"actor.latent_pi.{i}.weight"].shape[0]) for i in hid], _activation(data, zip_path, "relu"),
+                     int(first.shape[1]), int(w["actor.mu.weight"].shape[0]), policy, None, squashed=True)
+
+
 def agent_state(spec: str, agent) -> dict:
     """``{"policy", "obs_rms"}`` for a start named ``sb3:<spec>`` (``train.prepare`` hands it to ``Agent.prepare``). The agent's network must have the
     imported shape: a mismatch names the ``--set`` fields that make it so."""
@@ -218,6 +248,15 @@ def agent_state(spec: str, agent) -> dict:
     obs_dim, act_dim = agent.obs_rms.mean.shape[0], agent.act_low.shape[0]
     if (m.obs_dim, m.act_dim) != (obs_dim, act_dim):
         raise UserError(f"{m.source} maps {m.obs_dim} observations to {m.act_dim} actions, this env {obs_dim} to {act_dim}; train it on the same task")
+    sac_agent = isinstance(agent.policy, SquashedGaussianPolicy)
+    if m.squashed != sac_agent:
+        raise UserError(f"{m.source} holds an SB3 {'SAC' if m.squashed else 'PPO / A2C'} policy; "
+                        f"{SUPPORTED_SAC if sac_agent else SUPPORTED.replace('supported:', 'supported for this agent:')}")
+    if m.squashed:  # a reference of its own network; the sac agent sees raw observations unless told otherwise
+        if c.normalize_obs:
+            raise UserError(f"{m.source} was trained on raw observations (no VecNormalize); set agent.normalize_obs=false")
+        net = {"hidden": m.hidden, "activation": m.activation, "log_std_bounds": SB3_SAC_LOG_STD, "log_std_bound": "clip"}
+        return {"policy": m.policy, "net": net}
     if list(c.hidden) != m.hidden or c.activation != m.activation:
         hidden = "[" + ",".join(map(str, m.hidden)) + "]"
         raise UserError(f"{m.source} holds a {hidden} {m.activation} policy; set agent.hidden={hidden} agent.activation={m.activation}")

@@ -3,6 +3,7 @@ SB3 does, malicious files run nothing, rl-align checkpoints run in SB3's evaluat
 SB3's own PPO.load, and the cost tasks are registered Gymnasium ids."""
 
 import base64
+import csv
 import io
 import json
 import pickle
@@ -121,10 +122,51 @@ def test_a_mismatched_network_or_model_kind_is_a_one_line_error(sb3_models, tmp_
     prepare(agent, cfg)  # a zip without a VecNormalize loads by itself, as a raw-observation policy
     raw = np.random.default_rng(0).normal(size=(3, agent.obs_rms.mean.shape[0])) * 20
     assert not cfg.agent.normalize_obs and np.array_equal(agent.normalize(raw), raw.astype(np.float32))  # no clip at 10 either
-    SAC("MlpPolicy", "Pendulum-v1", buffer_size=10, device="cpu").save(tmp_path / "sac.zip")
-    with pytest.raises(UserError, match="holds a SACPolicy policy; supported: SB3 PPO / A2C 'MlpPolicy'"):
-        read_sb3(str(tmp_path / "sac.zip"))
+    SAC("MlpPolicy", "HalfCheetah-v5", buffer_size=10, device="cpu").save(tmp_path / "sac.zip")
+    cfg = resolve_config("halfcheetah", "ppo", [f"agent.init=sb3:{tmp_path / 'sac.zip'}", "agent.n_steps=64"], seed=0)
+    agent, env = build_agent(cfg)
+    env.close()
+    with pytest.raises(UserError, match="holds an SB3 SAC policy; supported for this agent: SB3 PPO / A2C 'MlpPolicy'"):
+        prepare(agent, cfg)
     assert main(["train", "--agent", "ppo", "--set", f"agent.init=sb3:{tmp_path / 'sac.zip'}", "--steps", "64", "--set", f"run.out_dir={tmp_path}"]) == 2
+    cfg = resolve_config("halfcheetah", "sac", [f"agent.ref=sb3:{zip_path}", "agent.revkl_coef=0.1"], seed=0)  # a PPO zip as SAC's pi_ref
+    agent, env = build_agent(cfg)
+    env.close()
+    with pytest.raises(UserError, match="holds an SB3 PPO / A2C policy; supported for the sac agents' agent.ref: SB3 SAC"):
+        prepare(agent, cfg)
+
+
+def test_sac_reference_from_an_sb3_sac_model(tmp_path):
+    """An SB3 SAC zip as the sac agents' fixed pi_ref: its own [32,16] network (not the agent's), the same
+    pre-squash Gaussian SB3's actor gives, its log-std clipped at SB3's bounds; a run on it trains, resumes
+    and loads back for evaluation."""
+    model = SAC("MlpPolicy", "HalfCheetah-v5", learning_starts=100, buffer_size=1000, seed=0, device="cpu",
+                policy_kwargs={"net_arch": [32, 16]})
+    model.learn(300)
+    with torch.no_grad():
+        model.actor.log_std.bias[0] = 40.0  # the first action's log-std at SB3's upper clip (2) everywhere
+        model.actor.log_std.bias[1] = -60.0  # the second's at the lower one (-20)
+    model.save(tmp_path / "sac.zip")
+    ref = f"agent.ref=sb3:{tmp_path / 'sac.zip'}"
+    cfg = resolve_config("halfcheetah", "sac", [ref, "agent.revkl_coef=0.1", "agent.hidden=[24,24]"], seed=0)
+    agent, env = build_agent(cfg)
+    env.close()
+    prepare(agent, cfg)
+    obs = torch.as_tensor(np.random.default_rng(0).normal(size=(64, 17)) * 3, dtype=torch.float32)
+    mu, log_std = agent.ref_policy.dist_params(obs)
+    sb3_mu, sb3_log_std, _ = model.actor.get_action_dist_params(obs)
+    torch.testing.assert_close(mu, sb3_mu.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(log_std, sb3_log_std.detach(), rtol=0, atol=1e-6)
+    assert (log_std[:, 0] == 2).all() and (log_std[:, 1] == -20).all() and log_std[:, 2:].std() > 1e-3
+    assert agent.revkl_term(obs, *agent.policy.dist_params(obs)) > 0  # the agent's own [24,24] policy against it
+    sets = ["--set", ref, "--set", "agent.revkl_coef=0.1", "--set", "agent.hidden=[24,24]", "--set", "agent.learning_starts=200",
+            "--set", "agent.batch=32", "--set", "run.eval_episodes=1", "--set", "run.progress=false", "--set", f"run.out_dir={tmp_path / 'runs'}"]
+    assert main(["train", "--env", "halfcheetah", "--agent", "sac", "--steps", "400", *sets]) == 0
+    folder = next((tmp_path / "runs").glob("*/*/*/summary.json")).parent
+    _, loaded = load_agent(folder)  # no prepare: the checkpoint says pi_ref's shape
+    torch.testing.assert_close(loaded.ref_policy.dist_params(obs)[0], sb3_mu.detach(), rtol=0, atol=1e-6)
+    with (folder / "progress.csv").open() as f:
+        assert float(list(csv.DictReader(f))[-1]["train/kl_ref"]) > 0  # the KL term was in the actor's loss
 
 
 class WritesAFile:

@@ -34,7 +34,7 @@ from rl_align.buffer import ReplayBuffer
 from rl_align.envs import VecEnv
 from rl_align.errors import UserError
 from rl_align.labels.learn import arrived_labels, post_pairs
-from rl_align.nets import Ensemble, SquashedGaussianPolicy, gaussian_kl, numpy_forward
+from rl_align.nets import Ensemble, SquashedGaussianPolicy, bounded_log_std, gaussian_kl, numpy_forward
 
 QUERIES = ("uniform", "disagreement", "entropy")
 
@@ -78,7 +78,7 @@ class SACConfig(AgentConfig):
     # SAIL-RevKL off-policy: the KL term of the actor loss
     revkl_coef: float = 0.0
     revkl_direction: str = "reverse"  # reverse: KL(pi || pi_ref); forward: KL(pi_ref || pi), the paper's code
-    ref: str = "lagged"  # lagged | init | <run folder or checkpoint of an sac run>
+    ref: str = "lagged"  # lagged | init | <run folder or checkpoint of an sac run> | sb3:<SB3 SAC model.zip>
     ref_every: int = 50_000  # lagged: pi_ref <- pi every this many env steps after ref_start
     ref_start: int = 5_000
     win_rate_episodes: int = 4
@@ -106,8 +106,6 @@ class SACConfig(AgentConfig):
             raise UserError(f"agent.revkl_direction must be reverse or forward, got {self.revkl_direction!r}")
         if len(self.log_std_bounds) != 2 or self.log_std_bounds[0] >= self.log_std_bounds[1]:
             raise UserError(f"agent.log_std_bounds must be [low, high] with low < high, got {self.log_std_bounds}")
-        if self.ref.startswith("sb3:"):
-            raise UserError("agent.ref=sb3:<zip> reads an SB3 PPO / A2C policy; the sac reference is lagged, init or the folder of an sac run")
         if not 0 < self.rm_stop_accuracy <= 1:
             raise UserError(f"agent.rm_stop_accuracy must be in (0, 1], got {self.rm_stop_accuracy}")
 
@@ -118,11 +116,11 @@ class SquashedActor:
 
     def __init__(self, policy: SquashedGaussianPolicy) -> None:
         self.trunk = numpy_forward(policy.trunk)
-        self.lo, self.hi = policy.log_std_min, policy.log_std_max
+        self.bounds = policy.log_std_min, policy.log_std_max, policy.log_std_bound
 
     def _params(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mu, raw = np.split(self.trunk(obs), 2, axis=-1)
-        return mu, self.lo + 0.5 * (self.hi - self.lo) * (np.tanh(raw) + 1)
+        return mu, bounded_log_std(raw, *self.bounds)
 
     def mean(self, obs: np.ndarray) -> np.ndarray:
         return np.tanh(self._params(obs)[0])
@@ -163,6 +161,7 @@ class SAC(Agent):
         self.target_entropy = -float(act_dim) if c.target_entropy is None else c.target_entropy
         self.replay = ReplayBuffer(min(c.buffer_size, max(total_steps, c.batch)), env.n_envs, obs_dim, act_dim)
         self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False) if c.revkl_coef > 0 else None
+        self.ref_net = None  # pi_ref's own network, when it is not the policy's (an SB3 SAC model)
         self.reward_model = (RewardEnsemble(obs_dim, act_dim, c.rm_hidden, c.rm_ensemble, c.rm_lr).to(self.device)
                              if c.reward == "preferences" else None)
         self.entropy = StateEntropy(c.entropy_k)
@@ -200,14 +199,23 @@ class SAC(Agent):
         return c.ref if self.ref_policy is not None and c.ref not in ("lagged", "init") else None
 
     def prepare(self, start: dict | None, source: str = "") -> None:
-        """A fixed reference read from a run folder or checkpoint of an sac run (the policy is unchanged)."""
+        """A fixed reference read from a run folder or checkpoint of an sac run, or from an SB3 SAC zip
+        (``start["net"]``: its own network, which need not be the agent's); the policy is unchanged."""
         if start is None:
             return
+        if "net" in start:  # sb3.agent_state of an SB3 SAC model
+            self._own_reference(start["net"])
         try:
             self.ref_policy.load_state_dict(start["policy"])
         except (RuntimeError, KeyError):
             raise UserError(f"agent.ref={source} holds no sac policy of this size (agent.hidden={self.config.hidden}); "
                             "give a run folder written by an sac run of the same network") from None
+
+    def _own_reference(self, net: dict) -> None:
+        """pi_ref as a network of its own shape (``net``: SquashedGaussianPolicy's keyword arguments)."""
+        obs_dim, act_dim = self.obs_rms.mean.shape[0], self.act_low.shape[0]
+        self.ref_net = net
+        self.ref_policy = SquashedGaussianPolicy(obs_dim, act_dim, **net).to(self.device).requires_grad_(False)
 
     # ---- one iteration: act, store, feedback, learn ---------------------------------------------------
     def collect(self, env: VecEnv, raw_obs: np.ndarray, tracker: EpisodeTracker) -> np.ndarray:
@@ -399,9 +407,11 @@ class SAC(Agent):
         return mods
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "update_debt": self.update_debt, "feedback_sessions": self.feedback_sessions}
+        return {**super().state_dict(), "update_debt": self.update_debt, "feedback_sessions": self.feedback_sessions, "ref_net": self.ref_net}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("ref_net"):  # a reference of its own shape (an SB3 SAC model): built before its weights load
+            self._own_reference(state["ref_net"])
         super().load_state_dict(state)
         self.update_debt, self.feedback_sessions = float(state["update_debt"]), int(state["feedback_sessions"])
         self._actor = None
