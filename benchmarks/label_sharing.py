@@ -24,7 +24,6 @@ import argparse
 import http.client
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -66,32 +65,14 @@ def labeller(port: int, client: str, start: float, seconds: float, seed: int) ->
     print(json.dumps({"acks": acks, "next_s": next_s, "conflicts": conflicts}))
 
 
-def make_store(path: Path, n_pairs: int):
-    import numpy as np
-
-    from rl_align.labels.store import LabelStore
-
-    H, M = 5, n_pairs + 1
-    rng = np.random.default_rng(0)
-    segs = {"obs": rng.normal(size=(M, H, 17)).astype(np.float32), "actions": rng.normal(size=(M, H, 6)).astype(np.float32),
-            "mask": np.ones((M, H), bool), "logp": np.zeros((M, H), np.float32), "ref_logp": np.zeros((M, H), np.float32),
-            "rewards": rng.normal(size=(M, H)).astype(np.float32), "features": rng.normal(size=(M, H, 3)).astype(np.float32)}
-    store = LabelStore.create(path, "HalfCheetah-v5", "benchmark", H, 20.0)
-    store.add_pairs(segs, np.arange(n_pairs), np.arange(1, n_pairs + 1), source="benchmark")
-    store.clip_dir.mkdir()
-    for seg in range(1, M + 1):
-        (store.clip_dir / f"{seg}.webm").write_bytes(b"stand-in clip")
-    with sqlite3.connect(path) as db:
-        db.execute("UPDATE segments SET clip = ? || '/' || id || '.webm'", (store.clip_dir.name,))
-    db.close()
-    return store
-
-
 def run(n: int, seconds: float, n_pairs: int, server_src: str | None = None) -> dict:
     import numpy as np
 
+    sys.path.insert(0, str(ROOT / "tests"))
+    from label_helpers import clipped_store  # the tests' store of random segments with stand-in clips
+
     tmp = Path(tempfile.mkdtemp(prefix="label-sharing-"))
-    store = make_store(tmp / "s.sqlite", n_pairs)
+    store = clipped_store(tmp / "s.sqlite", n_pairs)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **({"PYTHONPATH": server_src} if server_src else {})}
     server = subprocess.Popen([sys.executable, "-m", "rl_align.cli", "label", str(store.path), "--port", "0"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=server_src or ROOT)

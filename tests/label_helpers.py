@@ -1,4 +1,5 @@
-"""Shared by the label-store and labelling-page tests: stores filled from a real policy's rollouts."""
+"""Shared by the label-store and labelling-page tests (and the label-sharing benchmark): stores filled from a
+real policy's rollouts, and stores of random segments with stand-in clips."""
 
 import numpy as np
 
@@ -71,3 +72,20 @@ def rebuild_frames(out_dir) -> None:
     np.savez(Path(out_dir) / "frames.npz", rebuilt=rebuilt, truth=np.stack(truth))
     r.write(seg, Path(out_dir) / "c.webm")
     r.close()
+
+
+def clipped_store(path, n_pairs, H=5):
+    """A store of ``n_pairs`` pairs of random ``H``-step segments whose clips are (stand-in) files already, so
+    the server renders nothing and what is measured is the server and the store."""
+    rng = np.random.default_rng(0)
+    M = n_pairs + 1
+    segs = {"obs": rng.normal(size=(M, H, 17)).astype(np.float32), "actions": rng.normal(size=(M, H, 6)).astype(np.float32),
+            "mask": np.ones((M, H), bool), "logp": np.zeros((M, H), np.float32), "ref_logp": np.zeros((M, H), np.float32),
+            "rewards": rng.normal(size=(M, H)).astype(np.float32), "features": rng.normal(size=(M, H, 3)).astype(np.float32)}
+    store = LabelStore.create(path, "HalfCheetah-v5", "Prefer forward running.", H, 20.0)
+    store.add_pairs(segs, np.arange(n_pairs), np.arange(1, n_pairs + 1), source="test")
+    store.clip_dir.mkdir()
+    for seg in range(1, M + 1):
+        (store.clip_dir / f"{seg}.webm").write_bytes(b"\x1a\x45\xdf\xa3 stand-in clip")
+        store.set_clip(seg, f"{store.clip_dir.name}/{seg}.webm")
+    return store

@@ -16,26 +16,10 @@ import numpy as np
 import pytest
 
 from fault_helpers import in_namespace
+from label_helpers import clipped_store
 from rl_align.labels.store import LabelStore
 
 CHOICES = ("left", "right", "equal", "skip")
-
-
-def clipped_store(path, n_pairs, H=5):
-    """A store of ``n_pairs`` pairs of random ``H``-step segments whose clips are (stand-in) files already, so
-    the server renders nothing and what is measured is the server and the store."""
-    rng = np.random.default_rng(0)
-    M = n_pairs + 1
-    segs = {"obs": rng.normal(size=(M, H, 17)).astype(np.float32), "actions": rng.normal(size=(M, H, 6)).astype(np.float32),
-            "mask": np.ones((M, H), bool), "logp": np.zeros((M, H), np.float32), "ref_logp": np.zeros((M, H), np.float32),
-            "rewards": rng.normal(size=(M, H)).astype(np.float32), "features": rng.normal(size=(M, H, 3)).astype(np.float32)}
-    store = LabelStore.create(path, "HalfCheetah-v5", "Prefer forward running.", H, 20.0)
-    store.add_pairs(segs, np.arange(n_pairs), np.arange(1, n_pairs + 1), source="test")
-    store.clip_dir.mkdir()
-    for seg in range(1, M + 1):
-        (store.clip_dir / f"{seg}.webm").write_bytes(b"\x1a\x45\xdf\xa3 stand-in clip")
-        store.set_clip(seg, f"{store.clip_dir.name}/{seg}.webm")
-    return store
 
 
 class Server:
@@ -216,7 +200,7 @@ read_only({str(ro)!r})
 print(cli("label", "answer", {str(ro / 's.sqlite')!r}))
 tmpfs({str(full)!r}, "1m")
 sys.path.insert(0, {os.path.dirname(__file__)!r})
-from test_label_sharing import clipped_store
+from label_helpers import clipped_store
 clipped_store({str(full / 's.sqlite')!r}, 3)
 fill({str(full)!r})
 print(cli("label", "answer", {str(full / 's.sqlite')!r}))
