@@ -145,7 +145,10 @@ def cmd_report(args) -> None:
             st, de = summarize([r["stoch"] for r in rs]), summarize([r["det"] for r in rs])
             share = [r["stoch"] / ceiling[r["seed"]] for r in rs if r["seed"] in ceiling]
             lines.append(f"  {m:<16} stoch {fmt(st)} | det {fmt(de)} | of ceiling {fmt(summarize(share), 2)} | "
-                         f"labels {max(r['labels'] for r in rs)} | steps {rs[0]['steps']:,} | {np.mean([r['wall'] for r in rs]) / 60:.0f} min/run")
+                         f"labels {max(r['labels'] for r in rs)} | steps {rs[0]['steps']:,} | {np.mean([r['wall'] for r in rs]) / 60:.0f} min/run"
+                         + (f" | reward learning {100 * sum(r['feedback_s'] for r in rs) / sum(r['wall'] for r in rs):.1f}% of it"
+                            if any(r["feedback_s"] for r in rs) else ""))
+            lines.append("    per seed (stoch / det): " + ", ".join(f"s{r['seed']} {r['stoch']:.1f} / {r['det']:.1f}" for r in rs))
         for a, b in args.pairs:
             x, y = [r["stoch"] for r in results.get(a, [])], [r["stoch"] for r in results.get(b, [])]
             if len(x) >= 2 and len(y) >= 2:
