@@ -12,8 +12,9 @@ continues with ``--resume`` (so a stopped queue picks up where it was). Each fin
 one line (final returns, labels, wall-clock, the evaluation curve, the commit) to the record,
 ``benchmarks/pebble_protocol.jsonl`` by default (``--record``), which is committed: a job already in the
 record is skipped, so the queue goes on across sessions and machines even when ``--root`` is gone, and
-``report`` reads the record, not the run folders. ``report`` prints, per task, each method's final stochastic and deterministic return (IQM with 95%
-stratified-bootstrap interval, mean ± std), its share of the true-reward ceiling, the labels it used,
+``report`` reads the record, not the run folders. ``report`` prints, per task, each method's final
+stochastic and deterministic return (IQM with 95% stratified-bootstrap interval, mean ± std, per seed), its
+share of the true-reward ceiling, the labels it used, reward learning's share of wall-clock,
 the probability of improvement of SAIL-RevKL over PEBBLE, and draws return against env steps and
 against labels (``<root>/protocol.png``). ``screen`` runs ``pebble-revkl`` on cheetah-run at 2 seeds x
 100k steps over ``revkl_coef`` (1e-4, the paper's; 1e-3; 1e-2) x direction (reverse, forward) x reference

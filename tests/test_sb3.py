@@ -138,8 +138,8 @@ def test_a_mismatched_network_or_model_kind_is_a_one_line_error(sb3_models, tmp_
 
 def test_sac_reference_from_an_sb3_sac_model(tmp_path):
     """An SB3 SAC zip as the sac agents' fixed pi_ref: its own [32,16] network (not the agent's), the same
-    pre-squash Gaussian SB3's actor gives, its log-std clipped at SB3's bounds; a run on it trains, resumes
-    and loads back for evaluation."""
+    pre-squash Gaussian SB3's actor gives, its log-std clipped at SB3's bounds; a run on it trains with the
+    KL term and loads back for evaluation without a prepare step."""
     model = SAC("MlpPolicy", "HalfCheetah-v5", learning_starts=100, buffer_size=1000, seed=0, device="cpu",
                 policy_kwargs={"net_arch": [32, 16]})
     model.learn(300)
