@@ -87,11 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from rl_align.checkpoints import DISK_ERRNOS, disk_message
+    from rl_align.signals import ignore_further
     from rl_align.train import DiskFault, Interrupted
 
     try:
         return int(args.func(args) or 0)
     except Interrupted as exc:
+        ignore_further()
         print(f"rl-align: interrupted: {exc}", file=sys.stderr)
         return exc.exit_code
     except DiskFault as exc:
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rl-align: error: {disk_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        ignore_further()
         print("rl-align: interrupted", file=sys.stderr)
         return 130
 

@@ -41,3 +41,12 @@ class DeferredSignals:
         self.active[self.scope] -= 1
         for s, h in self.previous.items():
             signal.signal(s, h)
+
+
+def ignore_further() -> None:
+    """The command is exiting after a handled SIGINT / SIGTERM (checkpoint written, message printed). Python
+    resets its own handlers to the OS default as the interpreter shuts down, so a second Ctrl-C during a slow
+    teardown (torch, MuJoCo) would kill the process by the signal (exit -2, no word); ignored, the exit code
+    stays 128 + signum. Python keeps an ignored signal ignored through shutdown."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
