@@ -104,7 +104,7 @@ def append_record(path: Path, line: dict) -> None:
 
 
 def cmd_run(args) -> None:
-    jobs = [(env, agent, seed, args.set, args.tag) for seed in args.seeds for env in args.tasks for agent in args.methods]
+    jobs = [(env, agent, seed, args.set, args.tag) for seed in args.seeds for env in args.tasks for agent in args.methods or METHODS]
     run_queue(args, jobs)
 
 
@@ -135,6 +135,9 @@ def load(record: Path, env: str, method: str) -> list[dict]:
 def cmd_report(args) -> None:
     if args.screen:
         args.tasks, args.methods = ["cheetah-run-pref"], ["pebble-revkl" + screen_tag(*s) for s in SCREEN]
+    elif args.methods is None:
+        screen = {"pebble-revkl" + screen_tag(*s) for s in SCREEN}
+        args.methods = [*METHODS, *sorted({r["method"] for r in read_record(args.record)} - set(METHODS) - screen)]
     lines = []
     for env in args.tasks:
         results = {m: load(args.record, env, m) for m in args.methods}
@@ -201,7 +204,8 @@ def main() -> None:
         q.add_argument("--root", type=Path, required=True, help="where the runs go (outside the checkout for long queues)")
         q.add_argument("--record", type=Path, default=RECORD, help="the JSONL of finished runs (default: %(default)s)")
         q.add_argument("--tasks", nargs="+", default=list(TASKS))
-        q.add_argument("--methods", nargs="+", default=list(METHODS))
+        q.add_argument("--methods", nargs="+", default=None, help="default: the protocol's three (report: and every other"
+                       " arm in the record, e.g. a --tag run, screen settings aside)")
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     for name, steps in (("run", None), ("screen", 100_000)):
         run = sub.choices[name]
