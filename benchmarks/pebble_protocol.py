@@ -170,20 +170,20 @@ def plot(args) -> None:
 
     fig, axes = plt.subplots(2, len(args.tasks), figsize=(5 * len(args.tasks), 7), squeeze=False)
     for k, env in enumerate(args.tasks):
-        for m in args.methods:
-            rs = load(args.record, env, m)
+        for i, m in enumerate(args.methods):
+            rs, color = load(args.record, env, m), f"C{i % 10}"  # one colour per method in both rows
             if not rs:
                 continue
             n = min(len(r["curve"]) for r in rs)
             steps = np.array([c[0] for c in rs[0]["curve"][:n]])
             ret = np.array([[c[1] for c in r["curve"][:n]] for r in rs])
             labels = np.array([[c[2] for c in r["curve"][:n]] for r in rs]).max(0)
-            axes[0, k].plot(steps, ret.mean(0), label=f"{m} (n={len(rs)})")
-            axes[0, k].fill_between(steps, ret.min(0), ret.max(0), alpha=0.15)
+            axes[0, k].plot(steps, ret.mean(0), color=color, label=f"{m} (n={len(rs)})")
+            axes[0, k].fill_between(steps, ret.min(0), ret.max(0), color=color, alpha=0.15)
             if labels.max() > 0:
-                axes[1, k].plot(labels, ret.mean(0), "o-", ms=3, label=m)
+                axes[1, k].plot(labels, ret.mean(0), "o-", ms=3, color=color, label=m)
             else:  # a true-reward ceiling: its final return as a line
-                axes[1, k].axhline(ret.mean(0)[-1], ls="--", color="gray", label=f"{m} at {steps[-1]:,.0f} steps")
+                axes[1, k].axhline(ret.mean(0)[-1], ls="--", color=color, label=f"{m} at {steps[-1]:,.0f} steps")
         axes[0, k].set(title=env, xlabel="env steps", ylabel="stochastic return (mean, min-max)")
         axes[1, k].set(xlabel="labels used", ylabel="stochastic return")
         axes[0, k].ticklabel_format(axis="x", style="sci", scilimits=(3, 3))
