@@ -133,11 +133,11 @@ def load(record: Path, env: str, method: str) -> list[dict]:
 
 
 def cmd_report(args) -> None:
+    screen = ["pebble-revkl" + screen_tag(*s) for s in SCREEN]
     if args.screen:
-        args.tasks, args.methods = ["cheetah-run-pref"], ["pebble-revkl" + screen_tag(*s) for s in SCREEN]
+        args.tasks, args.methods = ["cheetah-run-pref"], screen
     elif args.methods is None:
-        screen = {"pebble-revkl" + screen_tag(*s) for s in SCREEN}
-        args.methods = [*METHODS, *sorted({r["method"] for r in read_record(args.record)} - set(METHODS) - screen)]
+        args.methods = [*METHODS, *sorted({r["method"] for r in read_record(args.record)} - set(METHODS) - set(screen))]
     lines = []
     for env in args.tasks:
         results = {m: load(args.record, env, m) for m in args.methods}
