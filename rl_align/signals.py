@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import threading
 
+HANDLED = (signal.SIGINT, signal.SIGTERM)  # the signals this module defers, and ignores once the command is exiting
+
 
 class DeferredSignals:
     """While active (main thread only), SIGINT / SIGTERM set ``signum`` and call ``callback`` instead of
@@ -21,7 +23,7 @@ class DeferredSignals:
 
     def __enter__(self) -> "DeferredSignals":
         if threading.current_thread() is threading.main_thread() and self.active.get(self.scope, 0) == 0:
-            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.previous = {s: signal.signal(s, self._handle) for s in HANDLED}
         self.active[self.scope] = self.active.get(self.scope, 0) + 1
         return self
 
@@ -48,5 +50,5 @@ def ignore_further() -> None:
     resets its own handlers to the OS default as the interpreter shuts down, so a second Ctrl-C during a slow
     teardown (torch, MuJoCo) would kill the process by the signal (exit -2, no word); ignored, the exit code
     stays 128 + signum. Python keeps an ignored signal ignored through shutdown."""
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in HANDLED:
         signal.signal(s, signal.SIG_IGN)
