@@ -26,7 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from pebble_protocol import RECORD, load, run_queue  # noqa: E402
+from pebble_protocol import RECORD, load, run_queue, save_figure  # noqa: E402
 
 from rl_align.stats import fmt, summarize  # noqa: E402
 
@@ -99,11 +99,9 @@ def cmd_report(args) -> None:
             if xs:
                 axes[0, k].plot(xs, ys, "o-", label=method)
         axes[0, k].set(title=env, xscale="log", xlabel="labels used", ylabel="fraction of the true-reward ceiling")
-        axes[0, k].legend(fontsize=8)
-    fig.tight_layout()
-    args.root.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.root / "label_efficiency.png", dpi=110)
-    print(f"figure: {args.root / 'label_efficiency.png'}")
+        if axes[0, k].get_legend_handles_labels()[0]:
+            axes[0, k].legend(fontsize=8)
+    save_figure(fig, args.root / "label_efficiency.png")
 
 
 def main() -> None:

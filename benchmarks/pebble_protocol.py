@@ -5,6 +5,7 @@ Control tasks, several seeds, run as a resumable queue; then the rliable compari
     python benchmarks/pebble_protocol.py report --root /work/bench/protocol
     python benchmarks/pebble_protocol.py screen --root /work/bench/screen --workers 2    # the revkl screen
     python benchmarks/pebble_protocol.py report --root /work/bench/screen --screen
+    python benchmarks/pebble_protocol.py run --root /work/bench/protocol --workers 2 --screen-best
 
 ``run`` works through the jobs seed by seed (every method of seed 0 first, then seed 1, ...), one
 ``rl-align train`` process per worker, each into ``<root>/<env>/<agent>/s<seed>/``: an interrupted run
@@ -18,7 +19,9 @@ share of the true-reward ceiling, the labels it used, reward learning's share of
 the probability of improvement of SAIL-RevKL over PEBBLE, and draws return against env steps and
 against labels (``<root>/protocol.png``). ``screen`` runs ``pebble-revkl`` on cheetah-run at 2 seeds x
 100k steps over ``revkl_coef`` (1e-4, the paper's; 1e-3; 1e-2) x direction (reverse, forward) x reference
-(lagged, init), each setting in its own method folder ``pebble-revkl<tag>``; ``report --screen`` ranks them.
+(lagged, init), each setting in its own method folder ``pebble-revkl<tag>``; ``report --screen`` ranks them
+beside the protocol's arms read at 100k steps, and ``run --screen-best`` runs the best one at the protocol's
+steps and seeds (method ``pebble-revkl-best-<setting>``).
 """
 
 from __future__ import annotations
@@ -104,6 +107,10 @@ def append_record(path: Path, line: dict) -> None:
 
 
 def cmd_run(args) -> None:
+    if args.screen_best:  # the screen's best setting at the protocol's steps and seeds, in its own method folder
+        coef, direction, ref = SCREEN[screen_methods().index(screen_ranking(args.record)[0])]
+        args.methods, args.tag = ["pebble-revkl"], "-best" + screen_tag(coef, direction, ref)
+        args.set = [*screen_sets(coef, direction, ref), *args.set]
     jobs = [(env, agent, seed, args.set, args.tag) for seed in args.seeds for env in args.tasks for agent in args.methods or METHODS]
     run_queue(args, jobs)
 
@@ -114,6 +121,7 @@ def run_queue(args, jobs: list[tuple]) -> None:
             print(line, flush=True)
 
 
+SCREEN_TASK = "cheetah-run-pref"
 SCREEN = [(coef, direction, ref) for coef in ("1e-4", "1e-3", "1e-2") for direction in ("reverse", "forward") for ref in ("lagged", "init")]
 
 
@@ -121,39 +129,74 @@ def screen_tag(coef: str, direction: str, ref: str) -> str:
     return f"-c{coef}-{direction}-{ref}"
 
 
+def screen_sets(coef: str, direction: str, ref: str) -> list[str]:
+    return [f"agent.revkl_coef={coef}", f"agent.revkl_direction={direction}", f"agent.ref={ref}"]
+
+
+def screen_methods() -> list[str]:
+    return ["pebble-revkl" + screen_tag(*s) for s in SCREEN]
+
+
+def screen_ranking(record: Path) -> list[str]:
+    """The screen's settings that have runs in the record, best first by the IQM of their final stochastic return."""
+    scores = {m: summarize([r["stoch"] for r in load(record, SCREEN_TASK, m)]) for m in screen_methods()}
+    ranked = sorted((m for m in scores if scores[m]["n"]), key=lambda m: -scores[m]["iqm"])
+    if not ranked:
+        sys.exit(f"no screen runs in {record}: run `pebble_protocol.py screen` first")
+    return ranked
+
+
 def cmd_screen(args) -> None:
-    jobs = [("cheetah-run-pref", "pebble-revkl", seed, [f"agent.revkl_coef={c}", f"agent.revkl_direction={d}", f"agent.ref={r}"],
-             screen_tag(c, d, r)) for seed in args.seeds for c, d, r in SCREEN]
+    jobs = [(SCREEN_TASK, "pebble-revkl", seed, screen_sets(*s), screen_tag(*s)) for seed in args.seeds for s in SCREEN]
     run_queue(args, jobs)
 
 
 def load(record: Path, env: str, method: str) -> list[dict]:
-    """Per finished seed of one method on one task, from the record: final returns, labels, the curve."""
-    return sorted((r for r in read_record(record) if r["env"] == env and r["method"] == method), key=lambda r: r["seed"])
+    """Per finished seed of one method on one task, from the record: final returns, labels, the curve.
+    ``method@step`` reads a longer run at ``step`` of its evaluation curve (the screen's 100k against the
+    protocol's 200k runs); its deterministic return, only evaluated at the end, is then nan."""
+    name, _, step = method.partition("@")
+    rs = sorted((r for r in read_record(record) if r["env"] == env and r["method"] == name), key=lambda r: r["seed"])
+    return [t for t in (at_step(r, float(step)) for r in rs) if t] if step else rs
+
+
+def at_step(r: dict, step: float) -> dict | None:
+    point = next((c for c in r["curve"] if c[0] == step), None)
+    if point is None:
+        return None
+    return {**r, "stoch": point[1], "det": float("nan"), "labels": point[2], "steps": int(step), "wall": float("nan"),
+            "feedback_s": 0.0, "curve": [c for c in r["curve"] if c[0] <= step]}
 
 
 def cmd_report(args) -> None:
-    screen = ["pebble-revkl" + screen_tag(*s) for s in SCREEN]
-    if args.screen:
-        args.tasks, args.methods = ["cheetah-run-pref"], screen
+    screen = screen_methods()
+    if args.screen:  # the settings ranked by return, under the protocol's arms read at the screen's 100k steps
+        args.tasks, args.methods = [SCREEN_TASK], [*screen_ranking(args.record), *(f"{m}@100000" for m in METHODS)]
     elif args.methods is None:
         args.methods = [*METHODS, *sorted({r["method"] for r in read_record(args.record)} - set(METHODS) - set(screen))]
     lines = []
     for env in args.tasks:
         results = {m: load(args.record, env, m) for m in args.methods}
-        ceiling = {r["seed"]: r["stoch"] for r in results.get(CEILING, [])}
+        if args.screen:  # the protocol's arms at the seeds the screen ran
+            seeds = {r["seed"] for m in screen for r in results.get(m, [])}
+            results = {m: [r for r in rs if r["seed"] in seeds] for m, rs in results.items()}
+        ceiling = {(r["seed"], s): at_step(r, s)["stoch"] for r in load(args.record, env, CEILING) for s in (c[0] for c in r["curve"])}
         lines.append(f"\n{env}")
+        width = max(map(len, results))
         for m, rs in results.items():
             if not rs:
                 continue
             st, de = summarize([r["stoch"] for r in rs]), summarize([r["det"] for r in rs])
-            share = [r["stoch"] / ceiling[r["seed"]] for r in rs if r["seed"] in ceiling]
-            lines.append(f"  {m:<16} stoch {fmt(st)} | det {fmt(de)} | of ceiling {fmt(summarize(share), 2)} | "
-                         f"labels {max(r['labels'] for r in rs)} | steps {rs[0]['steps']:,} | {np.mean([r['wall'] for r in rs]) / 60:.0f} min/run"
+            share = [r["stoch"] / ceiling[r["seed"], r["steps"]] for r in rs if (r["seed"], r["steps"]) in ceiling]
+            wall = np.mean([r["wall"] for r in rs]) / 60
+            lines.append(f"  {m:<{width}} stoch {fmt(st)} | det {fmt(de)} | of ceiling {fmt(summarize(share), 2)} | "
+                         f"labels {max(r['labels'] for r in rs):.0f} | steps {rs[0]['steps']:,}"
+                         + (f" | {wall:.0f} min/run" if np.isfinite(wall) else "")
                          + (f" | reward learning {100 * sum(r['feedback_s'] for r in rs) / sum(r['wall'] for r in rs):.1f}% of it"
                             if any(r["feedback_s"] for r in rs) else ""))
             lines.append("    per seed (stoch / det): " + ", ".join(f"s{r['seed']} {r['stoch']:.1f} / {r['det']:.1f}" for r in rs))
-        for a, b in args.pairs:
+        best = [m for m in results if m.startswith("pebble-revkl-best")]
+        for a, b in [*args.pairs, *((m, "pebble") for m in best)]:
             x, y = [r["stoch"] for r in results.get(a, [])], [r["stoch"] for r in results.get(b, [])]
             if len(x) >= 2 and len(y) >= 2:
                 lo, hi = prob_improvement_ci(x, y)
@@ -190,10 +233,14 @@ def plot(args) -> None:
         for ax in axes[:, k]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
+    save_figure(fig, args.root / "protocol.png")
+
+
+def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
-    args.root.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.root / "protocol.png", dpi=110)
-    print(f"figure: {args.root / 'protocol.png'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"figure: {path}")
 
 
 def main() -> None:
@@ -213,6 +260,8 @@ def main() -> None:
         run.add_argument("--steps", type=int, default=steps, help="env steps per run (default: the preset's)")
         run.add_argument("--set", action="append", default=[], help="override for every run (as for rl-align train)")
         run.add_argument("--tag", default="", help="suffix of the method folder for runs with --set overrides")
+    sub.choices["run"].add_argument("--screen-best", action="store_true", help="run pebble-revkl at the screen's best setting "
+                                    "(ranked as report --screen ranks), as method pebble-revkl-best-<setting>")
     sub.choices["screen"].set_defaults(seeds=[0, 1])
     sub.choices["report"].add_argument("--screen", action="store_true", help="rank the settings of the screen")
     sub.choices["report"].add_argument("--pairs", nargs=2, action="append", default=[["pebble-revkl", "pebble"]], metavar=("A", "B"))
