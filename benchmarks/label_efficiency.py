@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +57,14 @@ def reference(root: Path, env: str, seed: int) -> str:
     return str(found[-1].parent)
 
 
-def jobs(root: Path, seeds: list[int], budgets: list[int]) -> list[tuple]:
+def jobs(root: Path, seeds: list[int], budgets: list[int], workers: int = 1) -> list[tuple]:
+    with ThreadPoolExecutor(workers) as pool:  # the references first, in parallel
+        refs = dict(zip([(env, seed) for seed in seeds for env in TASKS],
+                        pool.map(lambda es: reference(root, *es), [(env, seed) for seed in seeds for env in TASKS])))
     out = []
     for seed in seeds:
         for env in TASKS:
-            ref = reference(root, env, seed)
+            ref = refs[env, seed]
             out.append((env, "sac-small", seed, ["env.oracle.budget=null"], ""))
             out.append((env, "ppo", seed, [f"agent.init={ref}", "env.oracle.budget=null"], "-ceiling"))
             for budget in budgets:
@@ -71,9 +75,16 @@ def jobs(root: Path, seeds: list[int], budgets: list[int]) -> list[tuple]:
     return out
 
 
+COST = {"sac-small": 4, "pebble": 5, "pebble-revkl": 5, "rlhf": 2, "sail-revkl": 1, "ppo": 0}  # rough order of a run's wall-clock
+
+
 def cmd_run(args) -> None:
     args.steps = STEPS
-    run_queue(args, jobs(args.root, args.seeds, args.budgets))
+    todo = [j for j in jobs(args.root, args.seeds, args.budgets, args.workers)
+            if not args.only or j[1] in args.only or j[1] + j[4] in args.only]  # a preset (every budget) or one method folder
+    if args.longest_first:  # many workers: start the long runs first so that none is left alone at the end
+        todo.sort(key=lambda j: (-COST[j[1]], -int(j[4][1:]) if j[4][1:].isdigit() else 0))
+    run_queue(args, todo)
 
 
 def cmd_report(args) -> None:
@@ -115,6 +126,10 @@ def main() -> None:
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         q.add_argument("--budgets", type=int, nargs="+", default=[1000, 10000])
     sub.choices["run"].add_argument("--workers", type=int, default=2)
+    sub.choices["run"].add_argument("--only", nargs="+", default=None, help="these methods only (e.g. ppo-ceiling rlhf sail-revkl "
+                                    "sac-small), each at every budget")
+    sub.choices["run"].add_argument("--longest-first", action="store_true", help="order the queue by expected run time, not "
+                                    "seed by seed (for many workers)")
     args = p.parse_args()
     {"run": cmd_run, "report": cmd_report}[args.cmd](args)
 
