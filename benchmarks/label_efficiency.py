@@ -94,7 +94,8 @@ def cmd_report(args) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4), squeeze=False)
-    print(f"{'task':<18} {'method':<14} {'labels':>7}  stochastic return as a fraction of its ceiling (per seed)")
+    print(f"{'task':<18} {'method':<14} {'labels':>7}  stochastic return as a fraction of its ceiling (per seed) | the return | "
+          "its ceiling's, same seeds")
     for k, env in enumerate(TASKS):
         ceilings = {m: {r["seed"]: r["stoch"] for r in load(args.record, env, m)} for m in ("ppo-ceiling", "sac-small")}
         for method, (preset, ceiling) in METHODS.items():
@@ -105,7 +106,10 @@ def cmd_report(args) -> None:
                 if not frac:
                     continue
                 labels = max(r["labels"] for r in rs)
-                print(f"{env:<18} {method:<14} {labels:>7,}  {fmt(summarize(frac), 2)}")
+                own = [r["stoch"] for r in rs if r["seed"] in ceilings[ceiling]]
+                top = [ceilings[ceiling][r["seed"]] for r in rs if r["seed"] in ceilings[ceiling]]
+                print(f"{env:<18} {method:<14} {labels:>7,}  {fmt(summarize(frac), 2)} | {fmt(summarize(own))} | "
+                      f"{ceiling} {fmt(summarize(top))}")
                 xs.append(labels), ys.append(np.mean(frac))
             if xs:
                 axes[0, k].plot(xs, ys, "o-", label=method)
