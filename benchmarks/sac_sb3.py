@@ -42,13 +42,13 @@ def ours(steps: int, seed: int, out: Path, threads: int) -> tuple[float, dict | 
     return steps / (time.perf_counter() - t0), summary
 
 
-def sb3(steps: int, seed: int, threads: int, evaluate: bool) -> tuple[float, dict | None]:
+def sb3(steps: int, seed: int, threads: int, evaluate: bool, device: str = "cpu") -> tuple[float, dict | None]:
     import gymnasium as gym
     from stable_baselines3 import SAC
 
     torch.set_num_threads(threads)
     env = gym.make(TASK)
-    model = SAC("MlpPolicy", env, seed=seed, verbose=0, device="cpu")  # its defaults are the matched settings
+    model = SAC("MlpPolicy", env, seed=seed, verbose=0, device=device)  # its defaults are the matched settings
     t0 = CLOCK()
     model.learn(total_timesteps=steps)
     sps = steps / (CLOCK() - t0)
@@ -74,12 +74,12 @@ CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: C
 CLOCK = CLOCKS["wall"]
 
 
-def ours_training_speed(steps: int, seed: int, threads: int) -> float:
+def ours_training_speed(steps: int, seed: int, threads: int, device: str = "cpu") -> float:
     """Env steps/s of the training loop's work alone (collect, which holds SAC's updates, and update), no evaluation."""
     from rl_align.agents.base import EpisodeTracker
     from rl_align.runs import build_agent, resolve_config
 
-    cfg = resolve_config(TASK, "sac", [f"run.torch_threads={threads}"], steps=steps, seed=seed)
+    cfg = resolve_config(TASK, "sac", [f"run.torch_threads={threads}", f"run.device={device}"], steps=steps, seed=seed)
     agent, env = build_agent(cfg)
     obs, tracker = env.reset(), EpisodeTracker(env.n_envs)
     t0 = CLOCK()
@@ -94,13 +94,13 @@ def cmd_speed(args) -> None:
     CLOCK = CLOCKS[args.clock]
     rows = []
     for k in range(args.repeats):
-        a = ours_training_speed(args.steps, k, args.threads)
-        b, _ = sb3(args.steps, k, args.threads, evaluate=False)
+        a = ours_training_speed(args.steps, k, args.threads, args.device)
+        b, _ = sb3(args.steps, k, args.threads, evaluate=False, device=args.device)
         rows.append((a, b))
         print(f"repeat {k}: rl-align {a:.1f} env steps/s, SB3 {b:.1f}, ratio {a / b:.2f}", flush=True)
     print(f"median: rl-align {statistics.median(r[0] for r in rows):.1f}, SB3 {statistics.median(r[1] for r in rows):.1f}, "
           f"ratio {statistics.median(r[0] / r[1] for r in rows):.2f} ({args.steps} steps incl. 100 warm-up, {args.threads} thread(s), "
-          f"{args.clock} clock)")
+          f"{args.clock} clock, {args.device})")
 
 
 def cmd_learn(args) -> None:
@@ -137,6 +137,7 @@ def main() -> None:
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="wall seconds, or CPU seconds of this process")
+    s.add_argument("--device", default="cpu", help="torch device of both (cpu, cuda)")
     ln = sub.add_parser("learn")
     ln.add_argument("--root", type=Path, required=True)
     ln.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
