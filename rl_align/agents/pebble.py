@@ -39,11 +39,11 @@ class RewardEnsemble(torch.nn.Module):
     @torch.no_grad()
     def predict(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         """The ensemble-mean reward ``[B]`` of NumPy ``obs [B, obs_dim]``, ``act [B, act_dim]``."""
-        return self.members(torch.as_tensor(obs), torch.as_tensor(act)).mean(0).numpy()
+        return self.members(self._tensor(obs), self._tensor(act)).mean(0).cpu().numpy()
 
     def segment_returns(self, s: Segments) -> torch.Tensor:
         """``R_k(s) = sum_t r_psi_k(s_t, a_t)`` over each segment's real steps (not the padding after a fall), ``[K, M]``."""
-        return (self.members(torch.as_tensor(s.obs), torch.as_tensor(s.actions)) * torch.as_tensor(s.mask, dtype=torch.float32)).sum(-1)
+        return (self.members(self._tensor(s.obs), self._tensor(s.actions)) * self._tensor(s.mask, torch.float32)).sum(-1)
 
     @torch.no_grad()
     def pair_probs(self, s1: Segments, s2: Segments) -> torch.Tensor:
@@ -57,8 +57,12 @@ class RewardEnsemble(torch.nn.Module):
                "obs2": s2.obs[keep], "act2": s2.actions[keep], "mask2": s2.mask[keep].astype(np.float32),
                "label": labels[keep].astype(np.float32)}
         for k, v in new.items():
-            v = torch.as_tensor(v)
+            v = self._tensor(v)
             self.pairs[k] = torch.cat([self.pairs[k], v]) if k in self.pairs else v
+
+    def _tensor(self, x: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """NumPy in, on the ensemble's device (its pairs are kept there too)."""
+        return torch.as_tensor(x, dtype=dtype, device=next(self.net.parameters()).device)
 
     def n_labels(self) -> int:
         return len(self.pairs["label"]) if self.pairs else 0
@@ -70,7 +74,7 @@ class RewardEnsemble(torch.nn.Module):
         if not keep.any():
             return float("nan")
         R1, R2 = self.segment_returns(s1.take(keep)).mean(0), self.segment_returns(s2.take(keep)).mean(0)
-        return pair_accuracy(R1, R2, torch.as_tensor(labels[keep], dtype=torch.float32))
+        return pair_accuracy(R1, R2, self._tensor(labels[keep], torch.float32))
 
     def fit(self, max_epochs: int, batch: int, stop_accuracy: float, rng: np.random.Generator) -> dict[str, float]:
         """Bradley-Terry cross-entropy on every stored pair, ``-[y log P_k + (1 - y) log(1 - P_k)]`` summed over
@@ -83,7 +87,7 @@ class RewardEnsemble(torch.nn.Module):
             perms = np.stack([rng.permutation(n) for _ in range(K)])  # [K, n]
             loss_sum, correct = 0.0, 0.0
             for s in range(0, n, batch):
-                idx = torch.as_tensor(perms[:, s : s + batch])  # [K, b]
+                idx = self._tensor(perms[:, s : s + batch])  # [K, b]
                 R1 = self._member_returns(p["obs1"][idx], p["act1"][idx], p["mask1"][idx])  # [K, b]
                 R2 = self._member_returns(p["obs2"][idx], p["act2"][idx], p["mask2"][idx])
                 y = p["label"][idx]
@@ -123,7 +127,7 @@ def select_queries(model: RewardEnsemble, s1: Segments, s2: Segments, n: int, ho
     else:
         p = P.mean(0).clamp(1e-6, 1 - 1e-6)
         score = -(p * p.log() + (1 - p) * (1 - p).log())
-    return torch.argsort(score, descending=True)[:n].numpy()
+    return torch.argsort(score, descending=True)[:n].cpu().numpy()
 
 
 class StateEntropy:
@@ -139,7 +143,7 @@ class StateEntropy:
         distance is the nearest, hence the k+1-th smallest)."""
         dist = torch.cdist(obs, stored)
         r = dist.kthvalue(min(self.k + 1, dist.shape[1]), dim=1).values
-        self.rms.update(r.numpy())
+        self.rms.update(r.cpu().numpy())
         return r / float(np.sqrt(self.rms.var + 1e-8))
 
     def state_dict(self) -> dict:

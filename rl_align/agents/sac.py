@@ -317,18 +317,18 @@ class SAC(Agent):
     def gradient_step(self) -> dict[str, float]:
         c = self.config
         t, n = self.replay.sample_index(c.batch, self.rng)
-        rb = self.replay
-        obs = torch.as_tensor(self.normalize(rb.obs[t, n]))
-        next_obs = torch.as_tensor(self.normalize(rb.next_obs[t, n]))
-        act = torch.as_tensor(rb.actions[t, n])
-        not_term = torch.as_tensor(1.0 - rb.terminated[t, n].astype(np.float32))
+        rb, dev = self.replay, self.device
+        obs = torch.as_tensor(self.normalize(rb.obs[t, n]), device=dev)
+        next_obs = torch.as_tensor(self.normalize(rb.next_obs[t, n]), device=dev)
+        act = torch.as_tensor(rb.actions[t, n], device=dev)
+        not_term = torch.as_tensor(1.0 - rb.terminated[t, n].astype(np.float32), device=dev)
         pretraining = self.reward_model is not None and self.env_steps < c.learning_starts + c.unsup_steps
         if pretraining:  # PEBBLE's unsupervised phase: the state-entropy reward, no task reward at all
-            reward = self.entropy(obs, torch.as_tensor(self.normalize(rb.recent(10_000))))
+            reward = self.entropy(obs, torch.as_tensor(self.normalize(rb.recent(10_000)), device=dev))
         elif self.reward_model is not None:
-            reward = torch.as_tensor(rb.learned[t, n])
+            reward = torch.as_tensor(rb.learned[t, n], device=dev)
         else:
-            reward = torch.as_tensor(rb.rewards[t, n], dtype=torch.float32)
+            reward = torch.as_tensor(rb.rewards[t, n], dtype=torch.float32, device=dev)
         alpha = self.temperature.log_alpha.exp().detach()
         with torch.no_grad():  # y = r + gamma (1 - d) (min_i Qbar_i(s', a') - alpha log pi(a'|s'))
             a2, logp2, _ = self.policy.sample(next_obs)
