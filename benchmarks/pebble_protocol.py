@@ -109,6 +109,9 @@ def append_record(path: Path, line: dict) -> None:
 def cmd_run(args) -> None:
     if args.screen_best:  # the screen's best setting at the protocol's steps and seeds, in its own method folder
         coef, direction, ref = SCREEN[screen_methods().index(screen_ranking(args.record)[0])]
+        if (coef, direction, ref) == PAPER:
+            print("the screen's best setting is the paper's: the protocol's pebble-revkl arm already runs it")
+            return
         args.methods, args.tag = ["pebble-revkl"], "-best" + screen_tag(coef, direction, ref)
         args.set = [*screen_sets(coef, direction, ref), *args.set]
     jobs = [(env, agent, seed, args.set, args.tag) for seed in args.seeds for env in args.tasks for agent in args.methods or METHODS]
@@ -122,6 +125,7 @@ def run_queue(args, jobs: list[tuple]) -> None:
 
 
 SCREEN_TASK = "cheetah-run-pref"
+PAPER = ("1e-4", "forward", "lagged")  # the pebble-revkl preset's revkl_coef, revkl_direction, ref
 SCREEN = [(coef, direction, ref) for coef in ("1e-4", "1e-3", "1e-2") for direction in ("reverse", "forward") for ref in ("lagged", "init")]
 
 
