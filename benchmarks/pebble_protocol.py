@@ -20,8 +20,8 @@ the probability of improvement of SAIL-RevKL over PEBBLE, and draws return again
 against labels (``<root>/protocol.png``). ``screen`` runs ``pebble-revkl`` on cheetah-run at 2 seeds x
 100k steps over ``revkl_coef`` (1e-4, the paper's; 1e-3; 1e-2) x direction (reverse, forward) x reference
 (lagged, init), each setting in its own method folder ``pebble-revkl<tag>``; ``report --screen`` ranks them
-beside the protocol's arms read at 100k steps, and ``run --screen-best`` runs the best one at the protocol's
-steps and seeds (method ``pebble-revkl-best-<setting>``).
+beside the protocol's arms read at 100k steps (figure ``<root>/screen.png``), and ``run --screen-best``
+runs the best one at the protocol's steps and seeds (method ``pebble-revkl-best-<setting>``).
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def plot(args) -> None:
         for ax in axes[:, k]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-    save_figure(fig, args.root / "protocol.png")
+    save_figure(fig, args.root / ("screen.png" if args.screen else "protocol.png"))
 
 
 def save_figure(fig, path: Path) -> None:
