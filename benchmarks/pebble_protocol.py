@@ -206,7 +206,31 @@ def cmd_report(args) -> None:
                 lo, hi = prob_improvement_ci(x, y)
                 lines.append(f"  P({a} > {b}) = {prob_improvement(x, y):.2f} [{lo:.2f}, {hi:.2f}] (n={len(x)}, {len(y)})")
     print("\n".join(lines))
-    plot(args)
+    plot_screen(args, results) if args.screen else plot(args)
+
+
+def plot_screen(args, results: dict[str, list[dict]]) -> None:
+    """The screen's settings, best first: each seed's final stochastic return as a dot, the mean as a bar,
+    the protocol's arms at the same steps and seeds as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [m for m in args.methods if "@" not in m and results.get(m)]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(settings) + 1.5))
+    for i, m in enumerate(settings):
+        x = [r["stoch"] for r in results[m]]
+        ax.plot(x, [i] * len(x), "o", color="C0", ms=5)
+        ax.plot([np.mean(x)] * 2, [i - 0.3, i + 0.3], color="C0", lw=2)
+    for k, m in enumerate(m for m in args.methods if "@" in m and results.get(m)):
+        ax.axvline(np.mean([r["stoch"] for r in results[m]]), ls="--", color=f"C{k + 1}", label=f"{m} (mean of the same seeds)")
+    ax.set_yticks(range(len(settings)), [m.removeprefix("pebble-revkl-") for m in settings])
+    ax.invert_yaxis()
+    ax.set(xlabel=f"stochastic return at {results[settings[0]][0]['steps']:,} steps (dots: seeds, bar: mean)",
+           title=f"{SCREEN_TASK}: pebble-revkl, revkl_coef x direction x reference")
+    ax.legend(fontsize=8, loc="upper left")
+    save_figure(fig, args.root / "screen.png")
 
 
 def plot(args) -> None:
@@ -237,7 +261,7 @@ def plot(args) -> None:
         for ax in axes[:, k]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-    save_figure(fig, args.root / ("screen.png" if args.screen else "protocol.png"))
+    save_figure(fig, args.root / "protocol.png")
 
 
 def save_figure(fig, path: Path) -> None:
