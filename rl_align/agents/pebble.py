@@ -113,7 +113,7 @@ class RewardEnsemble(torch.nn.Module):
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.pairs = dict(state["pairs"])
+        self.pairs = {k: self._tensor(v) for k, v in state["pairs"].items()}  # onto this device, wherever it was saved
 
 
 def select_queries(model: RewardEnsemble, s1: Segments, s2: Segments, n: int, how: str, rng: np.random.Generator) -> np.ndarray:
