@@ -184,7 +184,7 @@ def cmd_report(args) -> None:
         if args.screen:  # the protocol's arms at the seeds the screen ran
             seeds = {r["seed"] for m in screen for r in results.get(m, [])}
             results = {m: [r for r in rs if r["seed"] in seeds] for m, rs in results.items()}
-        ceiling = {(r["seed"], s): at_step(r, s)["stoch"] for r in load(args.record, env, CEILING) for s in (c[0] for c in r["curve"])}
+        ceiling = {(r["seed"], step): ret for r in load(args.record, env, CEILING) for step, ret, _ in r["curve"]}  # at every evaluation
         lines.append(f"\n{env}")
         width = max(map(len, results))
         for m, rs in results.items():
