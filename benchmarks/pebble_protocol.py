@@ -287,7 +287,9 @@ def main() -> None:
         run.add_argument("--workers", type=int, default=2)
         run.add_argument("--steps", type=int, default=steps, help="env steps per run (default: the preset's)")
         run.add_argument("--set", action="append", default=[], help="override for every run (as for rl-align train)")
-        run.add_argument("--tag", default="", help="suffix of the method folder for runs with --set overrides")
+        run.add_argument("--tag", default="", type=lambda t: "-" + t.lstrip("-") if t else "",
+                         help="suffix of the method folder for runs with --set overrides: --tag 1000-rm10 runs pebble-1000-rm10 "
+                         "(a leading dash is added, so the value need not start with one, which argparse would read as an option)")
     sub.choices["run"].add_argument("--screen-best", action="store_true", help="run pebble-revkl at the screen's best setting "
                                     "(ranked as report --screen ranks), as method pebble-revkl-best-<setting>")
     sub.choices["screen"].set_defaults(seeds=[0, 1])
