@@ -200,7 +200,7 @@ def cmd_report(args) -> None:
                             if any(r["feedback_s"] for r in rs) else ""))
             lines.append("    per seed (stoch / det): " + ", ".join(f"s{r['seed']} {r['stoch']:.1f} / {r['det']:.1f}" for r in rs))
         best = [m for m in results if m.startswith("pebble-revkl-best")]
-        for a, b in [*args.pairs, *((m, "pebble") for m in best)]:
+        for a, b in dict.fromkeys(map(tuple, [*args.pairs, *([m, "pebble"] for m in best)])):  # each pair once, in order
             x, y = [r["stoch"] for r in results.get(a, [])], [r["stoch"] for r in results.get(b, [])]
             if len(x) >= 2 and len(y) >= 2:
                 lo, hi = prob_improvement_ci(x, y)
