@@ -81,7 +81,8 @@ COST = {"sac-small": 4, "pebble": 5, "pebble-revkl": 5, "rlhf": 2, "sail-revkl":
 def cmd_run(args) -> None:
     args.steps = STEPS
     todo = [j for j in jobs(args.root, args.seeds, args.budgets, args.workers)
-            if not args.only or j[1] in args.only or j[1] + j[4] in args.only]  # a preset (every budget) or one method folder
+            if (not args.only or j[1] in args.only or j[1] + j[4] in args.only)  # a preset (every budget) or one method folder
+            and j[0] in args.tasks]
     if args.longest_first:  # many workers: start the long runs first so that none is left alone at the end
         todo.sort(key=lambda j: (-COST[j[1]], -int(j[4][1:]) if j[4][1:].isdigit() else 0))
     run_queue(args, todo)
@@ -132,6 +133,8 @@ def main() -> None:
     sub.choices["run"].add_argument("--workers", type=int, default=2)
     sub.choices["run"].add_argument("--only", nargs="+", default=None, help="these methods only (e.g. ppo-ceiling rlhf sail-revkl "
                                     "sac-small), each at every budget")
+    sub.choices["run"].add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="these tasks only (so that two "
+                                    "queues sharing a record never run the same cell)")
     sub.choices["run"].add_argument("--longest-first", action="store_true", help="order the queue by expected run time, not "
                                     "seed by seed (for many workers)")
     args = p.parse_args()
