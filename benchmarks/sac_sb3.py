@@ -6,8 +6,9 @@ per env step, lr 3e-4, tau 0.005, learned temperature from 1.0, 100 random steps
     python benchmarks/sac_sb3.py report --root /work/bench/sb3
 
 ``speed`` times both on HalfCheetah-v5 after their 100 warm-up steps (so updates dominate), in
-alternation, and prints each repeat and the median ratio. ``learn`` trains both per seed (rl-align's run
-folders are resumable; an SB3 run is saved at the end) and writes the final deterministic and stochastic
+alternation, and prints each repeat and the median ratio. ``learn`` trains both per seed and continues an
+interrupted run where it stopped (rl-align's from its run folder, exactly; SB3's from its model and replay
+buffer saved every 20k steps) and writes the final deterministic and stochastic
 return over 10 episodes to ``<root>/rows.jsonl``; ``report`` compares them the rliable way.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from stable_baselines3.common.callbacks import BaseCallback
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -31,10 +34,15 @@ from rl_align.stats import fmt, prob_improvement, prob_improvement_ci, summarize
 TASK = "HalfCheetah-v5"
 
 
-def ours(steps: int, seed: int, out: Path, threads: int) -> tuple[float, dict | None]:
+def ours(steps: int, seed: int, out: Path, threads: int) -> tuple[float | None, dict | None]:
+    """Train rl-align's SAC, or continue this seed's interrupted run folder from its last checkpoint
+    (then the env steps/s, which would cover only part of the run, is None)."""
     from rl_align.runs import resolve_config
-    from rl_align.train import train
+    from rl_align.train import resume, train
 
+    stopped = [f for f in sorted(out.glob(f"*/sac/*-s{seed}")) if (f / "checkpoints" / "last.pt").exists() and not (f / "summary.json").exists()]
+    if stopped:
+        return None, resume(stopped[-1], quiet=True)[1]
     cfg = resolve_config(TASK, "sac", [f"run.out_dir={out}", "run.progress=false", f"run.torch_threads={threads}", "run.eval_episodes=10"],
                          steps=steps, seed=seed)
     t0 = time.perf_counter()
@@ -42,16 +50,48 @@ def ours(steps: int, seed: int, out: Path, threads: int) -> tuple[float, dict | 
     return steps / (time.perf_counter() - t0), summary
 
 
-def sb3(steps: int, seed: int, threads: int, evaluate: bool, device: str = "cpu") -> tuple[float, dict | None]:
+class SB3Saver(BaseCallback):
+    """Every ``SB3_SAVE_EVERY`` steps, SB3's model and replay buffer into ``<save>/<step>/``, then ``<save>/latest``
+    names that folder (written last and atomically, so a kill mid-save leaves the previous one in force)."""
+
+    def __init__(self, save: Path):
+        super().__init__()
+        self.save = save
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps % SB3_SAVE_EVERY == 0:
+            at = self.save / str(self.num_timesteps)
+            at.mkdir(parents=True, exist_ok=True)
+            self.model.save(at / "model.zip")
+            self.model.save_replay_buffer(at / "replay_buffer.pkl")
+            (self.save / "latest.tmp").write_text(at.name)
+            (self.save / "latest.tmp").replace(self.save / "latest")
+            for old in self.save.iterdir():
+                if old.is_dir() and old != at:
+                    shutil.rmtree(old)
+        return True
+
+
+def sb3(steps: int, seed: int, threads: int, evaluate: bool, device: str = "cpu", save: Path | None = None) -> tuple[float | None, dict | None]:
+    """Train SB3's SAC; with ``save``, write its model and replay buffer there every ``SB3_SAVE_EVERY`` steps and
+    continue from them if they exist (SB3 keeps no RNG state in them, so a continued run is not bit-identical to an
+    uninterrupted one; its env steps/s is then None)."""
     import gymnasium as gym
     from stable_baselines3 import SAC
 
     torch.set_num_threads(threads)
     env = gym.make(TASK)
-    model = SAC("MlpPolicy", env, seed=seed, verbose=0, device=device)  # its defaults are the matched settings
+    latest = save / "latest" if save is not None else None
+    resumed = latest is not None and latest.exists()
+    if resumed:
+        at = save / latest.read_text()
+        model = SAC.load(at / "model.zip", env=env, device=device)
+        model.load_replay_buffer(at / "replay_buffer.pkl")
+    else:
+        model = SAC("MlpPolicy", env, seed=seed, verbose=0, device=device)  # its defaults are the matched settings
     t0 = CLOCK()
-    model.learn(total_timesteps=steps)
-    sps = steps / (CLOCK() - t0)
+    model.learn(total_timesteps=steps - model.num_timesteps, callback=None if save is None else SB3Saver(save), reset_num_timesteps=not resumed)
+    sps = None if resumed else steps / (CLOCK() - t0)
     if not evaluate:
         return sps, None
     out = {}
@@ -70,6 +110,7 @@ def sb3(steps: int, seed: int, threads: int, evaluate: bool, device: str = "cpu"
     return sps, {"final": out}
 
 
+SB3_SAVE_EVERY = 20_000
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: CPU seconds of this process (robust to a busy machine)
 CLOCK = CLOCKS["wall"]
 
@@ -111,7 +152,8 @@ def cmd_learn(args) -> None:
         for impl in args.impl:
             if (impl, seed) in done:
                 continue
-            sps, s = ours(args.steps, seed, args.root / "rl-align", 1) if impl == "rl-align" else sb3(args.steps, seed, 1, evaluate=True)
+            sps, s = ours(args.steps, seed, args.root / "rl-align", 1) if impl == "rl-align" else \
+                sb3(args.steps, seed, 1, evaluate=True, save=args.root / "sb3" / f"s{seed}")
             row = {"impl": impl, "seed": seed, "steps": args.steps, "sps": sps, **s["final"]}
             with (args.root / "rows.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
