@@ -99,7 +99,7 @@ def cmd_report(args) -> None:
           "its ceiling's, same seeds")
     for k, env in enumerate(TASKS):
         ceilings = {m: {r["seed"]: r["stoch"] for r in load(args.record, env, m)} for m in ("ppo-ceiling", "sac-small")}
-        for method, (preset, ceiling) in METHODS.items():
+        for m, (method, (preset, ceiling)) in enumerate(METHODS.items()):
             xs, ys = [], []
             for budget in args.budgets:
                 rs = load(args.record, env, f"{preset}-{budget}")
@@ -112,9 +112,11 @@ def cmd_report(args) -> None:
                 print(f"{env:<18} {method:<14} {labels:>7,}  {fmt(summarize(frac), 2)} | {fmt(summarize(own))} | "
                       f"{ceiling} {fmt(summarize(top))}")
                 xs.append(labels), ys.append(np.mean(frac))
+                axes[0, k].plot([labels] * len(frac), frac, ".", color=f"C{m}", alpha=0.4)  # each seed
             if xs:
-                axes[0, k].plot(xs, ys, "o-", label=method)
-        axes[0, k].set(title=env, xscale="log", xlabel="labels used", ylabel="fraction of the true-reward ceiling")
+                axes[0, k].plot(xs, ys, "o-", color=f"C{m}", label=f"{method} (mean; of {'PPO' if ceiling == 'ppo-ceiling' else ceiling})")
+        axes[0, k].axhline(1.0, ls="--", color="gray", lw=1)  # each agent's own true-reward ceiling
+        axes[0, k].set(title=env, xscale="log", xlabel="labels used", ylabel="fraction of its true-reward ceiling (dots: seeds)", ylim=(0, None))
         if axes[0, k].get_legend_handles_labels()[0]:
             axes[0, k].legend(fontsize=8)
     save_figure(fig, args.root / "label_efficiency.png")
