@@ -4,7 +4,7 @@ ceiling (PPO from the same reference for the on-policy agents, SAC at the same s
 ones), on HalfCheetah-v5 and DMC cheetah-run.
 
     python benchmarks/label_efficiency.py run --root /work/bench/labels --workers 2
-    python benchmarks/label_efficiency.py report --root /work/bench/labels
+    python benchmarks/label_efficiency.py report --root /work/bench/labels [--sac-rows /work/bench/sb3/rows.jsonl]
 
 Runs go through the protocol's resumable queue (``benchmarks/pebble_protocol.py``), seed by seed, and land
 in its record (``benchmarks/pebble_protocol.jsonl``), which ``report`` reads. The
@@ -17,6 +17,7 @@ off-policy agents ask 20 labels every 2,000 steps for the 1,000 budget and 100 e
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +89,13 @@ def cmd_run(args) -> None:
     run_queue(args, todo)
 
 
+def sb3_sized_sac(rows: Path | None) -> dict[int, float]:
+    """Seed -> final stochastic return of rl-align's `sac` (SB3's sizes) on HalfCheetah-v5, from `sac_sb3.py learn`'s rows."""
+    if rows is None:
+        return {}
+    return {r["seed"]: r["eval/return_stoch"] for r in map(json.loads, rows.read_text().splitlines()) if r["impl"] == "rl-align"}
+
+
 def cmd_report(args) -> None:
     import matplotlib
 
@@ -111,6 +119,11 @@ def cmd_report(args) -> None:
                 top = [ceilings[ceiling][r["seed"]] for r in rs if r["seed"] in ceilings[ceiling]]
                 print(f"{env:<18} {method:<14} {labels:>7,}  {fmt(summarize(frac), 2)} | {fmt(summarize(own))} | "
                       f"{ceiling} {fmt(summarize(top))}")
+                sac = sb3_sized_sac(args.sac_rows) if ceiling == "sac-small" and env == "halfcheetah-pref" else {}
+                if any(r["seed"] in sac for r in rs):  # the second off-policy ceiling on HalfCheetah-v5, at SB3's sizes
+                    print(f"{'':<41} of `sac` at SB3's sizes (seeds {sorted(r['seed'] for r in rs if r['seed'] in sac)}): "
+                          f"{fmt(summarize([r['stoch'] / sac[r['seed']] for r in rs if r['seed'] in sac]), 2)} | `sac` "
+                          f"{fmt(summarize([sac[r['seed']] for r in rs if r['seed'] in sac]))}")
                 xs.append(labels), ys.append(np.mean(frac))
                 axes[0, k].plot([labels] * len(frac), frac, ".", color=f"C{m}", alpha=0.4)  # each seed
             if xs:
@@ -132,6 +145,8 @@ def main() -> None:
                        "sac-small runs are this table's off-policy ceiling): %(default)s")
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         q.add_argument("--budgets", type=int, nargs="+", default=[1000, 10000])
+    sub.choices["report"].add_argument("--sac-rows", type=Path, default=None, help="rows.jsonl of `sac_sb3.py learn`: its rl-align "
+                                       "runs (`sac` at SB3's sizes, HalfCheetah-v5) as a second off-policy ceiling there")
     sub.choices["run"].add_argument("--workers", type=int, default=2)
     sub.choices["run"].add_argument("--only", nargs="+", default=None, help="these methods only (e.g. ppo-ceiling rlhf sail-revkl "
                                     "sac-small), each at every budget")
@@ -140,6 +155,8 @@ def main() -> None:
     sub.choices["run"].add_argument("--longest-first", action="store_true", help="order the queue by expected run time, not "
                                     "seed by seed (for many workers)")
     args = p.parse_args()
+    if getattr(args, "sac_rows", None) and not args.sac_rows.is_file():
+        p.error(f"--sac-rows {args.sac_rows}: no such file; give the rows.jsonl that `sac_sb3.py learn` writes in its --root")
     {"run": cmd_run, "report": cmd_report}[args.cmd](args)
 
 
