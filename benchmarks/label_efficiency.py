@@ -93,7 +93,8 @@ def sb3_sized_sac(rows: Path | None) -> dict[int, float]:
     """Seed -> final stochastic return of rl-align's `sac` (SB3's sizes) on HalfCheetah-v5, from `sac_sb3.py learn`'s rows."""
     if rows is None:
         return {}
-    return {r["seed"]: r["eval/return_stoch"] for r in map(json.loads, rows.read_text().splitlines()) if r["impl"] == "rl-align"}
+    return {r["seed"]: r["eval/return_stoch"] for r in map(json.loads, rows.read_text().splitlines())
+            if r["impl"] == "rl-align" and r["steps"] == STEPS}  # at the same env steps
 
 
 def cmd_report(args) -> None:
