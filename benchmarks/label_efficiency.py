@@ -104,6 +104,7 @@ def cmd_report(args) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4), squeeze=False)
+    sac = sb3_sized_sac(args.sac_rows)
     print(f"{'task':<18} {'method':<14} {'labels':>7}  stochastic return as a fraction of its ceiling (per seed) | the return | "
           "its ceiling's, same seeds")
     for k, env in enumerate(TASKS):
@@ -120,11 +121,11 @@ def cmd_report(args) -> None:
                 top = [ceilings[ceiling][r["seed"]] for r in rs if r["seed"] in ceilings[ceiling]]
                 print(f"{env:<18} {method:<14} {labels:>7,}  {fmt(summarize(frac), 2)} | {fmt(summarize(own))} | "
                       f"{ceiling} {fmt(summarize(top))}")
-                sac = sb3_sized_sac(args.sac_rows) if ceiling == "sac-small" and env == "halfcheetah-pref" else {}
-                if any(r["seed"] in sac for r in rs):  # the second off-policy ceiling on HalfCheetah-v5, at SB3's sizes
-                    print(f"{'':<41} of `sac` at SB3's sizes (seeds {sorted(r['seed'] for r in rs if r['seed'] in sac)}): "
-                          f"{fmt(summarize([r['stoch'] / sac[r['seed']] for r in rs if r['seed'] in sac]), 2)} | `sac` "
-                          f"{fmt(summarize([sac[r['seed']] for r in rs if r['seed'] in sac]))}")
+                shared = [r for r in rs if r["seed"] in sac] if ceiling == "sac-small" and env == "halfcheetah-pref" else []
+                if shared:  # the second off-policy ceiling on HalfCheetah-v5, at SB3's sizes
+                    print(f"{'':<41} of `sac` at SB3's sizes (seeds {[r['seed'] for r in shared]}): "
+                          f"{fmt(summarize([r['stoch'] / sac[r['seed']] for r in shared]), 2)} | `sac` "
+                          f"{fmt(summarize([sac[r['seed']] for r in shared]))}")
                 xs.append(labels), ys.append(np.mean(frac))
                 axes[0, k].plot([labels] * len(frac), frac, ".", color=f"C{m}", alpha=0.4)  # each seed
             if xs:

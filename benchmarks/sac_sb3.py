@@ -37,10 +37,11 @@ TASK = "HalfCheetah-v5"
 def ours(steps: int, seed: int, out: Path, threads: int) -> tuple[float | None, dict | None]:
     """Train rl-align's SAC, or continue this seed's interrupted run folder from its last checkpoint
     (then the env steps/s, which would cover only part of the run, is None)."""
-    from rl_align.runs import resolve_config
+    from rl_align.runs import load_run_config, resolve_config
     from rl_align.train import resume, train
 
-    stopped = [f for f in sorted(out.glob(f"*/sac/*-s{seed}")) if (f / "checkpoints" / "last.pt").exists() and not (f / "summary.json").exists()]
+    stopped = [f for f in sorted(out.glob(f"*/sac/*-s{seed}")) if (f / "checkpoints" / "last.pt").exists() and not (f / "summary.json").exists()
+               and load_run_config(f).run.steps == steps]  # a run of these steps, so its row's steps are right
     if stopped:
         return None, resume(stopped[-1], quiet=True)[1]
     cfg = resolve_config(TASK, "sac", [f"run.out_dir={out}", "run.progress=false", f"run.torch_threads={threads}", "run.eval_episodes=10"],
