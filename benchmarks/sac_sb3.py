@@ -3,7 +3,7 @@ per env step, lr 3e-4, tau 0.005, learned temperature from 1.0, 100 random steps
 
     python benchmarks/sac_sb3.py speed --steps 3000 --repeats 3            # env steps/s of both, alternating, same process
     python benchmarks/sac_sb3.py learn --root /work/bench/sb3 --seeds 0 1 2 3 4 --steps 200000   # resumable per seed
-    python benchmarks/sac_sb3.py report --root /work/bench/sb3
+    python benchmarks/sac_sb3.py report --root /work/bench/sb3   # or --rows benchmarks/sac_sb3_learn.jsonl; writes a figure
 
 ``speed`` times both on HalfCheetah-v5 after their 100 warm-up steps (so updates dominate), in
 alternation, and prints each repeat and the median ratio. ``learn`` trains both per seed and continues an
@@ -161,15 +161,42 @@ def cmd_learn(args) -> None:
             print(row, flush=True)
 
 
+NAMES = {"det": "deterministic", "stoch": "stochastic"}
+
+
 def cmd_report(args) -> None:
-    rows = [json.loads(x) for x in (args.root / "rows.jsonl").read_text().splitlines()]
-    for mode in ("det", "stoch"):
-        by = {impl: [r[f"eval/return_{mode}"] for r in rows if r["impl"] == impl] for impl in ("rl-align", "sb3")}
-        for impl, v in by.items():
-            print(f"{mode:5} {impl:9} {fmt(summarize(v))}")
+    """IQM [95% CI] of each side's final return, P(rl-align > SB3) with its interval, and a figure of every seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pebble_protocol import save_figure
+
+    rows = [json.loads(x) for x in args.rows.read_text().splitlines()]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), sharey=True)
+    for ax, mode in zip(axes, ("det", "stoch")):
+        by = {impl: {r["seed"]: r[f"eval/return_{mode}"] for r in rows if r["impl"] == impl} for impl in ("rl-align", "sb3")}
+        for k, (impl, v) in enumerate(by.items()):
+            print(f"{mode:5} {impl:9} {fmt(summarize(list(v.values())))}  seeds {sorted(v)}")
+            if v:
+                iqm = summarize(list(v.values()))
+                ax.plot([k] * len(v), list(v.values()), "o", color=f"C{k}", alpha=0.6)
+                lo, hi = (iqm["ci_lo"], iqm["ci_hi"]) if iqm["n"] > 1 else (iqm["iqm"], iqm["iqm"])
+                ax.errorbar([k + 0.15], [iqm["iqm"]], yerr=[[iqm["iqm"] - lo], [hi - iqm["iqm"]]], fmt="s", color="k", capsize=4)
         if min(len(v) for v in by.values()) >= 2:
-            lo, hi = prob_improvement_ci(by["rl-align"], by["sb3"])
-            print(f"{mode:5} P(rl-align > SB3) = {prob_improvement(by['rl-align'], by['sb3']):.2f} [{lo:.2f}, {hi:.2f}]")
+            a, b = list(by["rl-align"].values()), list(by["sb3"].values())
+            lo, hi = prob_improvement_ci(a, b)
+            p = prob_improvement(a, b)
+            print(f"{mode:5} P(rl-align > SB3) = {p:.2f} [{lo:.2f}, {hi:.2f}]")
+            ax.set_title(f"{NAMES[mode]}: P(rl-align > SB3) = {p:.2f} [{lo:.2f}, {hi:.2f}]", fontsize=9)
+        else:
+            ax.set_title(NAMES[mode], fontsize=9)
+        ax.set_xticks([0, 1], [f"rl-align (n={len(by['rl-align'])})", f"SB3 (n={len(by['sb3'])})"])
+        ax.set_xlim(-0.5, 1.6)
+    axes[0].set_ylabel("return, 10 episodes")
+    fig.suptitle(f"SAC at matched settings, {TASK}, {rows[0]['steps']:,} steps (dots: seeds; squares: IQM, 95% CI)", fontsize=9)
+    save_figure(fig, args.figure or args.rows.parent / "sac_sb3_learn.png")
 
 
 def main() -> None:
@@ -187,8 +214,14 @@ def main() -> None:
     ln.add_argument("--steps", type=int, default=200_000)
     ln.add_argument("--impl", nargs="+", default=["rl-align", "sb3"])
     r = sub.add_parser("report")
-    r.add_argument("--root", type=Path, required=True)
+    r.add_argument("--root", type=Path, default=None, help="the root `learn` wrote to (reads <root>/rows.jsonl)")
+    r.add_argument("--rows", type=Path, default=None, help="a rows file instead, e.g. benchmarks/sac_sb3_learn.jsonl")
+    r.add_argument("--figure", type=Path, default=None, help="PNG to write (default: sac_sb3_learn.png beside the rows)")
     args = p.parse_args()
+    if args.cmd == "report":
+        args.rows = args.rows or (args.root / "rows.jsonl" if args.root else None)
+        if args.rows is None or not args.rows.is_file():
+            p.error(f"no rows file {args.rows}: give --root of a `learn` run or --rows <rows.jsonl>")
     {"speed": cmd_speed, "learn": cmd_learn, "report": cmd_report}[args.cmd](args)
 
 
