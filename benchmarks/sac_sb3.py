@@ -145,13 +145,17 @@ def cmd_speed(args) -> None:
           f"{args.clock} clock, {args.device})")
 
 
+def finished(root: Path) -> set[tuple[str, int]]:
+    """(impl, seed) of the rows already written: read before each run, so queues sharing a root skip each other's."""
+    rows = root / "rows.jsonl"
+    return {(r["impl"], r["seed"]) for r in map(json.loads, rows.read_text().splitlines())} if rows.exists() else set()
+
+
 def cmd_learn(args) -> None:
     args.root.mkdir(parents=True, exist_ok=True)
-    done = {(r["impl"], r["seed"]) for r in map(json.loads, (args.root / "rows.jsonl").read_text().splitlines())} \
-        if (args.root / "rows.jsonl").exists() else set()
     for seed in args.seeds:
         for impl in args.impl:
-            if (impl, seed) in done:
+            if (impl, seed) in finished(args.root):
                 continue
             sps, s = ours(args.steps, seed, args.root / "rl-align", 1) if impl == "rl-align" else \
                 sb3(args.steps, seed, 1, evaluate=True, save=args.root / "sb3" / f"s{seed}")
