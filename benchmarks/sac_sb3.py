@@ -182,12 +182,12 @@ def cmd_report(args) -> None:
     for ax, mode in zip(axes, ("det", "stoch")):
         by = {impl: {r["seed"]: r[f"eval/return_{mode}"] for r in rows if r["impl"] == impl} for impl in ("rl-align", "sb3")}
         for k, (impl, v) in enumerate(by.items()):
-            print(f"{mode:5} {impl:9} {fmt(summarize(list(v.values())))}  seeds {sorted(v)}")
+            sm = summarize(list(v.values()))
+            print(f"{mode:5} {impl:9} {fmt(sm)}  seeds {sorted(v)}")
             if v:
-                iqm = summarize(list(v.values()))
                 ax.plot([k] * len(v), list(v.values()), "o", color=f"C{k}", alpha=0.6)
-                lo, hi = (iqm["ci_lo"], iqm["ci_hi"]) if iqm["n"] > 1 else (iqm["iqm"], iqm["iqm"])
-                ax.errorbar([k + 0.15], [iqm["iqm"]], yerr=[[iqm["iqm"] - lo], [hi - iqm["iqm"]]], fmt="s", color="k", capsize=4)
+                lo, hi = (sm["ci_lo"], sm["ci_hi"]) if sm["n"] > 1 else (sm["iqm"], sm["iqm"])
+                ax.errorbar([k + 0.15], [sm["iqm"]], yerr=[[sm["iqm"] - lo], [hi - sm["iqm"]]], fmt="s", color="k", capsize=4)
         if min(len(v) for v in by.values()) >= 2:
             a, b = list(by["rl-align"].values()), list(by["sb3"].values())
             lo, hi = prob_improvement_ci(a, b)
