@@ -17,7 +17,6 @@ off-policy agents ask 20 labels every 2,000 steps for the 1,000 budget and 100 e
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from pebble_protocol import RECORD, load, run_queue, save_figure  # noqa: E402
+from pebble_protocol import RECORD, load, read_record, run_queue, save_figure  # noqa: E402
 
 from rl_align.stats import fmt, summarize  # noqa: E402
 
@@ -93,8 +92,7 @@ def sb3_sized_sac(rows: Path | None) -> dict[int, float]:
     """Seed -> final stochastic return of rl-align's `sac` (SB3's sizes) on HalfCheetah-v5, from `sac_sb3.py learn`'s rows."""
     if rows is None:
         return {}
-    return {r["seed"]: r["eval/return_stoch"] for r in map(json.loads, rows.read_text().splitlines())
-            if r["impl"] == "rl-align" and r["steps"] == STEPS}  # at the same env steps
+    return {r["seed"]: r["eval/return_stoch"] for r in read_record(rows) if r["impl"] == "rl-align" and r["steps"] == STEPS}  # at the same env steps
 
 
 def cmd_report(args) -> None:
@@ -111,6 +109,7 @@ def cmd_report(args) -> None:
         ceilings = {m: {r["seed"]: r["stoch"] for r in load(args.record, env, m)} for m in ("ppo-ceiling", "sac-small")}
         for m, (method, (preset, ceiling)) in enumerate(METHODS.items()):
             xs, ys = [], []
+            of_sac = sac if ceiling == "sac-small" and env == "halfcheetah-pref" else {}  # there `sac` at SB3's sizes is the ceiling
             for budget in args.budgets:
                 rs = load(args.record, env, f"{preset}-{budget}")
                 frac = [r["stoch"] / ceilings[ceiling][r["seed"]] for r in rs if r["seed"] in ceilings[ceiling]]
@@ -121,15 +120,15 @@ def cmd_report(args) -> None:
                 top = [ceilings[ceiling][r["seed"]] for r in rs if r["seed"] in ceilings[ceiling]]
                 print(f"{env:<18} {method:<14} {labels:>7,}  {fmt(summarize(frac), 2)} | {fmt(summarize(own))} | "
                       f"{ceiling} {fmt(summarize(top))}")
-                shared = [r for r in rs if r["seed"] in sac] if ceiling == "sac-small" and env == "halfcheetah-pref" else []
-                if shared:  # the off-policy ceiling on HalfCheetah-v5 is `sac` at SB3's sizes: the figure plots against it
-                    frac = [r["stoch"] / sac[r["seed"]] for r in shared]
+                shared = [r for r in rs if r["seed"] in of_sac]
+                if shared:  # the figure plots against it
+                    frac = [r["stoch"] / of_sac[r["seed"]] for r in shared]
                     print(f"{'':<41} of `sac` at SB3's sizes (seeds {[r['seed'] for r in shared]}): "
-                          f"{fmt(summarize(frac), 2)} | `sac` {fmt(summarize([sac[r['seed']] for r in shared]))}")
+                          f"{fmt(summarize(frac), 2)} | `sac` {fmt(summarize([of_sac[r['seed']] for r in shared]))}")
                 xs.append(labels), ys.append(np.mean(frac))
                 axes[0, k].plot([labels] * len(frac), frac, ".", color=f"C{m}", alpha=0.4)  # each seed
             if xs:
-                of = "PPO" if ceiling == "ppo-ceiling" else "sac, SB3's sizes" if ceiling == "sac-small" and env == "halfcheetah-pref" and sac else ceiling
+                of = "PPO" if ceiling == "ppo-ceiling" else "sac, SB3's sizes" if of_sac else ceiling
                 axes[0, k].plot(xs, ys, "o-", color=f"C{m}", label=f"{method} (mean; of {of})")
         axes[0, k].axhline(1.0, ls="--", color="gray", lw=1)  # each agent's own true-reward ceiling
         axes[0, k].set(title=env, xscale="log", xlabel="labels used", ylabel="fraction of its true-reward ceiling (dots: seeds)", ylim=(0, None))

@@ -29,6 +29,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pebble_protocol import read_record, save_figure  # noqa: E402  (benchmarks/ is this script's own folder)
 from rl_align.stats import fmt, prob_improvement, prob_improvement_ci, summarize  # noqa: E402
 
 TASK = "HalfCheetah-v5"
@@ -147,8 +148,7 @@ def cmd_speed(args) -> None:
 
 def finished(root: Path) -> set[tuple[str, int]]:
     """(impl, seed) of the rows already written: read before each run, so queues sharing a root skip each other's."""
-    rows = root / "rows.jsonl"
-    return {(r["impl"], r["seed"]) for r in map(json.loads, rows.read_text().splitlines())} if rows.exists() else set()
+    return {(r["impl"], r["seed"]) for r in read_record(root / "rows.jsonl")}
 
 
 def cmd_learn(args) -> None:
@@ -175,9 +175,7 @@ def cmd_report(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pebble_protocol import save_figure
-
-    rows = [json.loads(x) for x in args.rows.read_text().splitlines()]
+    rows = read_record(args.rows)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), sharey=True)
     for ax, mode in zip(axes, ("det", "stoch")):
         by = {impl: {r["seed"]: r[f"eval/return_{mode}"] for r in rows if r["impl"] == impl} for impl in ("rl-align", "sb3")}
