@@ -79,9 +79,13 @@ class RewardEnsemble(torch.nn.Module):
     def fit(self, max_epochs: int, batch: int, stop_accuracy: float, rng: np.random.Generator) -> dict[str, float]:
         """Bradley-Terry cross-entropy on every stored pair, ``-[y log P_k + (1 - y) log(1 - P_k)]`` summed over
         members, each member on its own shuffle; epochs until the train accuracy reaches ``stop_accuracy``
-        (B-Pref's rule) or ``max_epochs``. Returns the last epoch's loss and accuracy and the epochs run."""
+        (B-Pref's rule) or ``max_epochs``. The accuracy counts decided labels only, as ``pair_accuracy`` does:
+        a tie (target 1/2) has no right order, and counting it would hold the accuracy under the stop on a
+        task with many ties (cheetah-run's deterministic teacher gives 11% ties early, where B-Pref's teacher
+        gives none). Returns the last epoch's loss and accuracy and the epochs run."""
         p, K = self.pairs, self.net.members
         n = self.n_labels()
+        decided = max(int((p["label"] != 0.5).sum()), 1)
         loss_sum, correct, epochs = 0.0, 0.0, 0
         for epochs in range(1, max_epochs + 1):
             perms = np.stack([rng.permutation(n) for _ in range(K)])  # [K, n]
@@ -96,10 +100,10 @@ class RewardEnsemble(torch.nn.Module):
                 loss.backward()
                 self.optimizer.step()
                 loss_sum += float(loss.detach()) * idx.shape[1] / K
-                correct += float((((R1 - R2) > 0).float() == (y > 0.5).float()).float().sum()) / K
-            if correct / n >= stop_accuracy:
+                correct += float((((R1 - R2) > 0) == (y > 0.5))[y != 0.5].sum()) / K
+            if correct / decided >= stop_accuracy:
                 break
-        return {"pebble/rm_loss": loss_sum / n, "pref/train_accuracy": correct / n, "pebble/rm_epochs": float(epochs)}
+        return {"pebble/rm_loss": loss_sum / n, "pref/train_accuracy": correct / decided, "pebble/rm_epochs": float(epochs)}
 
     def _member_returns(self, obs: torch.Tensor, act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``R_k`` of member k on its own segments: ``obs [K, b, H, obs_dim]``, ``mask [K, b, H]`` -> ``[K, b]``."""
