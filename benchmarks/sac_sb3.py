@@ -175,7 +175,8 @@ def cmd_report(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_record(args.rows)
+    steps = args.steps
+    rows = [r for r in read_record(args.rows) if r["steps"] == steps]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), sharey=True)
     for ax, mode in zip(axes, ("det", "stoch")):
         by = {impl: {r["seed"]: r[f"eval/return_{mode}"] for r in rows if r["impl"] == impl} for impl in ("rl-align", "sb3")}
@@ -197,7 +198,7 @@ def cmd_report(args) -> None:
         ax.set_xticks([0, 1], [f"rl-align (n={len(by['rl-align'])})", f"SB3 (n={len(by['sb3'])})"])
         ax.set_xlim(-0.5, 1.6)
     axes[0].set_ylabel("return, 10 episodes")
-    fig.suptitle(f"SAC at matched settings, {TASK}, {rows[0]['steps']:,} steps (dots: seeds; squares: IQM, 95% CI)", fontsize=9)
+    fig.suptitle(f"SAC at matched settings, {TASK}, {steps:,} steps (dots: seeds; squares: IQM, 95% CI)", fontsize=9)
     save_figure(fig, args.figure or args.rows.parent / "sac_sb3_learn.png")
 
 
@@ -219,11 +220,18 @@ def main() -> None:
     r.add_argument("--root", type=Path, default=None, help="the root `learn` wrote to (reads <root>/rows.jsonl)")
     r.add_argument("--rows", type=Path, default=None, help="a rows file instead, e.g. benchmarks/sac_sb3_learn.jsonl")
     r.add_argument("--figure", type=Path, default=None, help="PNG to write (default: sac_sb3_learn.png beside the rows)")
+    r.add_argument("--steps", type=int, default=None, help="the run length to report when the rows hold several")
     args = p.parse_args()
     if args.cmd == "report":
         args.rows = args.rows or (args.root / "rows.jsonl" if args.root else None)
         if args.rows is None or not args.rows.is_file():
             p.error(f"no rows file {args.rows}: give --root of a `learn` run or --rows <rows.jsonl>")
+        lengths = sorted({r["steps"] for r in read_record(args.rows)})  # one run length per report
+        if not lengths:
+            p.error(f"{args.rows} holds no runs yet: let `learn` finish one")
+        if args.steps is None and len(lengths) > 1 or args.steps not in (None, *lengths):
+            p.error(f"{args.rows} holds runs of {', '.join(f'{n:,}' for n in lengths)} steps; choose one with --steps N")
+        args.steps = args.steps or lengths[0]
     {"speed": cmd_speed, "learn": cmd_learn, "report": cmd_report}[args.cmd](args)
 
 
