@@ -60,19 +60,22 @@ def read_record(path: Path) -> list[dict]:
 
 
 def finished(run_dir: Path) -> dict:
-    """One finished run folder as a record line: final returns, labels, wall-clock, evaluation curve."""
+    """One finished run folder as a record line: final returns, labels, wall-clock, evaluation curve, and
+    (PEBBLE family) each feedback session's reward-ensemble epochs and labels so far."""
     s = json.loads((run_dir / "summary.json").read_text())
-    curve, labels, feedback_s = [], 0.0, 0.0
+    curve, labels, feedback_s, epochs = [], 0.0, 0.0, []
     with (run_dir / "progress.csv").open() as f:
         for row in csv.DictReader(f):
             labels = float(row.get("train/queries_used") or labels)  # logged on the rows where labels were spent
             feedback_s += float(row.get("time/feedback_s") or 0.0)
+            if row.get("pebble/rm_epochs"):  # one per feedback session: the reward ensemble's epochs and labels
+                epochs.append((int(float(row["pebble/rm_epochs"])), int(float(row["pebble/labels"]))))
             if row.get("eval/return_stoch"):
                 curve.append((float(row["step"]), float(row["eval/return_stoch"]), labels))
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"seed": s["seed"], "stoch": s["final"]["eval/return_stoch"], "det": s["final"]["eval/return_det"],
             "labels": s["queries_used"], "steps": s["env_steps"], "wall": s["wall_time_s"], "feedback_s": round(feedback_s, 1),
-            "curve": curve, "commit": commit, "host": platform.node()}
+            "rm_epochs": epochs, "curve": curve, "commit": commit, "host": platform.node()}
 
 
 def run_job(root: Path, env: str, agent: str, seed: int, steps: int | None, sets: list[str], tag: str, record: Path) -> str:
