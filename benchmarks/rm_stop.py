@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from rl_align.agents.pebble import RewardEnsemble  # noqa: E402
 from rl_align.agents.preferences import pair_accuracy  # noqa: E402
 from rl_align.checkpoints import load_checkpoint  # noqa: E402
+from rl_align.errors import UserError  # noqa: E402
 
 BEFORE = "6546b79"  # the last commit whose fit counted ties in the stop
 
@@ -60,8 +61,15 @@ def main() -> None:
     args = ap.parse_args()
     Before = fit_before()
     for run in args.runs:
+        if not (run / "config.yaml").is_file() or not (run / "checkpoints" / "last.pt").is_file():
+            ap.error(f"{run} is not a run folder with a checkpoint (config.yaml, checkpoints/last.pt)")
         a = yaml.safe_load((run / "config.yaml").read_text())["agent"]
-        state = load_checkpoint(run)["reward_model"]
+        try:
+            state = load_checkpoint(run).get("reward_model")
+        except UserError as exc:
+            ap.error(str(exc))
+        if state is None or not state["pairs"]:
+            ap.error(f"{run} has no reward ensemble with labels: give a PEBBLE-family run past its first feedback session")
         obs_dim, act_dim = state["pairs"]["obs1"].shape[-1], state["pairs"]["act1"].shape[-1]
         labels = state["pairs"]["label"]
         print(f"{run}: {len(labels)} labels, {int((labels == 0.5).sum())} ties; cap {a['rm_epochs']} epochs, stop at {a['rm_stop_accuracy']}")
