@@ -26,6 +26,17 @@ def rows(folder: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def still_segments(x: np.ndarray, H: int, obs_dim: int) -> Segments:
+    """One segment of ``H`` steps per value of ``x``, held still at first observation ``x`` (the rest 0),
+    zero action; what a reward ensemble over (s, a) sees of them is ``x`` alone."""
+    M = len(x)
+    obs = np.zeros((M, H, obs_dim), np.float32)
+    obs[..., 0] = x[:, None]
+    z = np.zeros((M, H))
+    return Segments(np.zeros(M, int), np.zeros(M, int), obs, np.zeros((M, H, 1), np.float32), z, z, z, np.zeros((M, H, 3)),
+                    np.ones((M, H), bool), obs)
+
+
 def squashed_logp(u: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """Density of ``a = tanh(u)`` under the squashed Gaussian, written from the change of variables."""
     a = torch.tanh(u)
@@ -94,13 +105,7 @@ def test_disagreement_picks_the_pairs_the_members_disagree_on():
     gap = np.zeros(M)
     gap[rng.choice(M, 6, replace=False)] = rng.uniform(1.0, 2.0, 6) * rng.choice([-1, 1], 6)
 
-    def seg(x):
-        obs = np.zeros((M, H, 2), np.float32)
-        obs[..., 0] = x[:, None]
-        z = np.zeros((M, H))
-        return Segments(np.zeros(M, int), np.zeros(M, int), obs, np.zeros((M, H, 1), np.float32), z, z, z, np.zeros((M, H, 3)),
-                        np.ones((M, H), bool), obs)
-
+    seg = lambda x: still_segments(x, H, obs_dim=2)  # noqa: E731
     picked = select_queries(rm, seg(x1), seg(x1 + gap), 6, "disagreement", rng)
     assert set(picked) == set(np.flatnonzero(gap))
     assert len(set(select_queries(rm, seg(x1), seg(x1 + gap), 6, "uniform", rng)) & set(np.flatnonzero(gap))) < 6
@@ -118,13 +123,7 @@ def test_reward_fit_stops_on_the_decided_labels_and_leaves_ties_out():
     a, b = np.concatenate([x1, t2 + 0.4]), np.concatenate([x2, t2])
     labels = np.concatenate([(x1 > x2).astype(float), np.full(20, 0.5)])
 
-    def seg(x):
-        M = len(x)
-        obs = np.repeat(x[:, None, None], H, 1).astype(np.float32)
-        z = np.zeros((M, H))
-        return Segments(np.zeros(M, int), np.zeros(M, int), obs, np.zeros((M, H, 1), np.float32), z, z, z, np.zeros((M, H, 3)),
-                        np.ones((M, H), bool), obs)
-
+    seg = lambda x: still_segments(x, H, obs_dim=1)  # noqa: E731
     rm = RewardEnsemble(obs_dim=1, act_dim=1, hidden=[32, 32], members=3, lr=1e-2)
     rm.add(seg(a), seg(b), labels)
     m = rm.fit(max_epochs=400, batch=64, stop_accuracy=0.97, rng=rng)

@@ -82,7 +82,8 @@ class RewardEnsemble(torch.nn.Module):
         (B-Pref's rule) or ``max_epochs``. The accuracy counts decided labels only, as ``pair_accuracy`` does:
         a tie (target 1/2) has no right order, and counting it would hold the accuracy under the stop on a
         task with many ties (cheetah-run's deterministic teacher gives 11% ties early; B-Pref's oracle
-        teacher gives none, labelling an exact tie a preference for the first segment). Returns the last epoch's loss and accuracy and the epochs run."""
+        teacher gives none, labelling an exact tie a preference for the first segment). Returns the last
+        epoch's loss and accuracy and the epochs run."""
         p, K = self.pairs, self.net.members
         n = self.n_labels()
         decided = max(int((p["label"] != 0.5).sum()), 1)
