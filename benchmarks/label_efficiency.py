@@ -8,8 +8,9 @@ ones), on HalfCheetah-v5 and DMC cheetah-run.
 
 Runs go through the protocol's resumable queue (``benchmarks/pebble_protocol.py``), seed by seed, and land
 in its record (``benchmarks/pebble_protocol.jsonl``), which ``report`` reads. The
-off-policy agents ask 20 labels every 2,000 steps for the 1,000 budget and 100 every 1,000 steps for the
-10,000 budget, so both budgets are spent inside the run; the on-policy agents spend theirs as they go
+off-policy agents ask 20 labels every 2,000 steps for the 1,000 budget and 200 every 2,000 steps for the
+10,000 budget, so both budgets are spent by about step 100k and differ only in labels per session (the
+ensemble refits on every label so far each session: 50 sessions instead of 100 halve that cost); the on-policy agents spend theirs as they go
 (SAIL-RevKL labels all pairs of each rollout, RLHF ``queries_per_update`` per iteration).
 ``report`` prints one table and draws return against labels (``<root>/label_efficiency.png``).
 """
@@ -40,7 +41,7 @@ METHODS = {  # method -> (agent preset, its ceiling's method)
     "pebble-revkl": ("pebble-revkl", "sac-small"),
 }
 OFF_POLICY_FEEDBACK = {1000: ["agent.queries_per_feedback=20", "agent.feedback_every=2000"],
-                       10000: ["agent.queries_per_feedback=100", "agent.feedback_every=1000"]}
+                       10000: ["agent.queries_per_feedback=200", "agent.feedback_every=2000"]}
 
 
 def reference(root: Path, env: str, seed: int) -> str:
@@ -57,22 +58,31 @@ def reference(root: Path, env: str, seed: int) -> str:
     return str(found[-1].parent)
 
 
-def jobs(root: Path, seeds: list[int], budgets: list[int], workers: int = 1) -> list[tuple]:
-    with ThreadPoolExecutor(workers) as pool:  # the references first, in parallel
-        refs = dict(zip([(env, seed) for seed in seeds for env in TASKS],
-                        pool.map(lambda es: reference(root, *es), [(env, seed) for seed in seeds for env in TASKS])))
+REF = "{ref}"  # a job's stand-in for its task and seed's reference, filled in once the queue is chosen
+
+
+def jobs(seeds: list[int], budgets: list[int]) -> list[tuple]:
     out = []
     for seed in seeds:
         for env in TASKS:
-            ref = refs[env, seed]
             out.append((env, "sac-small", seed, ["env.oracle.budget=null"], ""))
-            out.append((env, "ppo", seed, [f"agent.init={ref}", "env.oracle.budget=null"], "-ceiling"))
+            out.append((env, "ppo", seed, [f"agent.init={REF}", "env.oracle.budget=null"], "-ceiling"))
             for budget in budgets:
                 for method, (preset, _) in METHODS.items():
                     sets = [f"env.oracle.budget={budget}"]
-                    sets += OFF_POLICY_FEEDBACK[budget] if preset.startswith("pebble") else [f"agent.{'ref' if preset == 'sail-revkl' else 'init'}={ref}"]
+                    sets += OFF_POLICY_FEEDBACK[budget] if preset.startswith("pebble") else [f"agent.{'ref' if preset == 'sail-revkl' else 'init'}={REF}"]
                     out.append((env, preset, seed, sets, f"-{budget}"))
     return out
+
+
+def with_references(root: Path, todo: list[tuple], workers: int) -> list[tuple]:
+    """Fill in the references of the on-policy jobs kept, training the missing ones first, in parallel (an
+    off-policy queue trains none)."""
+    need = sorted({(env, seed) for env, _, seed, sets, _ in todo if any(REF in s for s in sets)})
+    with ThreadPoolExecutor(workers) as pool:
+        refs = dict(zip(need, pool.map(lambda es: reference(root, *es), need)))
+    return [(env, preset, seed, [s.replace(REF, refs[env, seed]) if REF in s else s for s in sets], tag)
+            for env, preset, seed, sets, tag in todo]
 
 
 COST = {"sac-small": 4, "pebble": 5, "pebble-revkl": 5, "rlhf": 2, "sail-revkl": 1, "ppo": 0}  # rough order of a run's wall-clock
@@ -80,9 +90,10 @@ COST = {"sac-small": 4, "pebble": 5, "pebble-revkl": 5, "rlhf": 2, "sail-revkl":
 
 def cmd_run(args) -> None:
     args.steps = STEPS
-    todo = [j for j in jobs(args.root, args.seeds, args.budgets, args.workers)
+    todo = [j for j in jobs(args.seeds, args.budgets)
             if (not args.only or j[1] in args.only or j[1] + j[4] in args.only)  # a preset (every budget) or one method folder
             and j[0] in args.tasks]
+    todo = with_references(args.root, todo, args.workers)
     if args.longest_first:  # many workers: start the long runs first so that none is left alone at the end
         todo.sort(key=lambda j: (-COST[j[1]], -int(j[4][1:]) if j[4][1:].isdigit() else 0))
     run_queue(args, todo)
