@@ -7,11 +7,10 @@ ones), on HalfCheetah-v5 and DMC cheetah-run.
     python benchmarks/label_efficiency.py report --root /work/bench/labels [--sac-rows /work/bench/sb3/rows.jsonl]
 
 Runs go through the protocol's resumable queue (``benchmarks/pebble_protocol.py``), seed by seed, and land
-in its record (``benchmarks/pebble_protocol.jsonl``), which ``report`` reads. The
-off-policy agents ask 20 labels every 2,000 steps for the 1,000 budget and 200 every 2,000 steps for the
-10,000 budget, so both budgets are spent by about step 100k and differ only in labels per session (the
-ensemble refits on every label so far each session: 50 sessions instead of 100 halve that cost); the on-policy agents spend theirs as they go
-(SAIL-RevKL labels all pairs of each rollout, RLHF ``queries_per_update`` per iteration).
+in its record (``benchmarks/pebble_protocol.jsonl``), which ``report`` reads. The off-policy agents ask 20
+labels every 2,000 steps for the 1,000 budget and 200 every 2,000 steps for the 10,000 budget, so both
+budgets are spent by about step 100k and differ only in labels per session; the on-policy agents spend
+theirs as they go (SAIL-RevKL labels all pairs of each rollout, RLHF ``queries_per_update`` per iteration).
 ``report`` prints one table and draws return against labels (``<root>/label_efficiency.png``).
 """
 
