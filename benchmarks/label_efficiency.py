@@ -123,7 +123,8 @@ def cmd_report(args) -> None:
             for budget in args.budgets:
                 rs = load(args.record, env, f"{preset}-{budget}")
                 frac = [r["stoch"] / ceilings[ceiling][r["seed"]] for r in rs if r["seed"] in ceilings[ceiling]]
-                if not frac:
+                if not frac:  # a cell of the table without a finished seed (and its ceiling) says so
+                    print(f"{env:<18} {method:<14} {budget:>7,}  not run: no finished seed with its {ceiling} in {args.record}")
                     continue
                 labels = max(r["labels"] for r in rs)
                 own = [r["stoch"] for r in rs if r["seed"] in ceilings[ceiling]]
