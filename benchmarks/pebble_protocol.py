@@ -9,7 +9,8 @@ Control tasks, several seeds, run as a resumable queue; then the rliable compari
 
 ``run`` works through the jobs seed by seed (every method of seed 0 first, then seed 1, ...), one
 ``rl-align train`` process per worker, each into ``<root>/<env>/<agent>/s<seed>/``: an interrupted run
-continues with ``--resume`` (so a stopped queue picks up where it was). Each finished run is appended as
+continues with ``--resume`` from its last checkpoint (so a stopped queue picks up where it was; one stopped
+before its first checkpoint starts again). Each finished run is appended as
 one line (final returns, labels, wall-clock, the evaluation curve, the commit) to the record,
 ``benchmarks/pebble_protocol.jsonl`` by default (``--record``), which is committed: a job already in the
 record is skipped, so the queue goes on across sessions and machines even when ``--root`` is gone, and
@@ -30,6 +31,7 @@ import argparse
 import csv
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -87,6 +89,9 @@ def run_job(root: Path, env: str, agent: str, seed: int, steps: int | None, sets
     if existing and (existing[-1].parent / "summary.json").exists():
         append_record(record, {**key, "sets": sets, **finished(existing[-1].parent)})
         return f"done   {env} {agent}{tag} s{seed} (recorded)"
+    if existing and not (existing[-1].parent / "checkpoints" / "last.pt").exists():
+        shutil.rmtree(existing[-1].parent)  # stopped before its first checkpoint: nothing to resume, start it again
+        existing = []
     if existing:
         cmd = ["train", "--resume", str(existing[-1].parent)]
     else:
