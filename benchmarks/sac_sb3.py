@@ -176,7 +176,7 @@ def cmd_report(args) -> None:
     import matplotlib.pyplot as plt
 
     steps = args.steps
-    rows = [r for r in read_record(args.rows) if r["steps"] == steps]
+    rows = [r for r in args.record if r["steps"] == steps]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), sharey=True)
     for ax, mode in zip(axes, ("det", "stoch")):
         by = {impl: {r["seed"]: r[f"eval/return_{mode}"] for r in rows if r["impl"] == impl} for impl in ("rl-align", "sb3")}
@@ -226,7 +226,8 @@ def main() -> None:
         args.rows = args.rows or (args.root / "rows.jsonl" if args.root else None)
         if args.rows is None or not args.rows.is_file():
             p.error(f"no rows file {args.rows}: give --root of a `learn` run or --rows <rows.jsonl>")
-        lengths = sorted({r["steps"] for r in read_record(args.rows)})  # one run length per report
+        args.record = read_record(args.rows)
+        lengths = sorted({r["steps"] for r in args.record})  # one run length per report
         if not lengths:
             p.error(f"{args.rows} holds no runs yet: let `learn` finish one")
         if args.steps is None and len(lengths) > 1 or args.steps not in (None, *lengths):
