@@ -28,7 +28,7 @@ train: $(STAMP)
 	$(BIN)/rl-align train --env halfcheetah-pref --agent sail-revkl
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 
 bench: $(STAMP)
 	$(BIN)/pip install -q '.[bench]'

@@ -201,8 +201,8 @@ class RolloutBuffer:
 class ReplayBuffer:
     """The off-policy agents' store of every transition, a ring of ``[C, N]`` (time, env) slots.
 
-    ``rewards`` is the true reward, read only by oracles (through :meth:`segments`) and by SAC on the true
-    reward; ``learned`` is the column a preference agent trains on (``relabel`` rewrites all of it).
+    ``rewards`` is the true reward, read only by oracles (through :meth:`segments`), by SAC on the true
+    reward and by the logged diagnostic :meth:`reward_corr` (never trained on); ``learned`` is the column a preference agent trains on (``relabel`` rewrites all of it).
     Observations are stored raw (the agent normalizes at sample time, if it normalizes) with the
     observation each step led to (``next_obs``: the ending one where an episode ended). Windows of
     :meth:`segments` lie inside one episode (the last step of a window may end it)."""
@@ -246,6 +246,16 @@ class ReplayBuffer:
         k = min(steps, self.size)
         idx = (self.pos - k + np.arange(k)) % self.C
         return self.obs[idx].reshape(-1, self.obs.shape[-1])
+
+    def reward_corr(self, steps: int) -> float:
+        """Pearson correlation of the learned and the true reward over the last ``steps`` vector steps: how
+        well the reward the agent trains on ranks what it does now (nan while either is constant)."""
+        k = min(steps, self.size)
+        idx = (self.pos - k + np.arange(k)) % self.C
+        learned, true = self.learned[idx].ravel().astype(np.float64), self.rewards[idx].ravel()
+        if k < 2 or learned.std() == 0 or true.std() == 0:
+            return float("nan")
+        return float(np.corrcoef(learned, true)[0, 1])
 
     def segments(self, M: int, H: int, rng: np.random.Generator, window: int | None = None) -> Segments | None:
         """``M`` random windows of ``H`` consecutive steps of one env inside one episode, drawn from the last

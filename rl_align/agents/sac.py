@@ -388,6 +388,8 @@ class SAC(Agent):
                 out[k] = float(reduce(self._metrics[k]))
         self._metrics = {}
         out["train/replay_size"] = float(len(self.replay))
+        if self.reward_model is not None and self.reward_model.n_labels():  # logged only: the agent never trains on it
+            out["pref/reward_corr"] = self.replay.reward_corr(max(1, self.config.log_every // self.replay.N))
         if not out.get("train/critic_loss") and self.env_steps < self.config.learning_starts:
             out["train/skipped"] = 1.0
         return out
