@@ -16,7 +16,8 @@ one line (final returns, labels, wall-clock, the evaluation curve, the commit) t
 record is skipped, so the queue goes on across sessions and machines even when ``--root`` is gone, and
 ``report`` reads the record, not the run folders. ``report`` prints, per task, each method's final
 stochastic and deterministic return (IQM with 95% stratified-bootstrap interval, mean ± std, per seed), its
-share of the true-reward ceiling, the labels it used, reward learning's share of wall-clock,
+share of the true-reward ceiling, the labels it used, reward learning's share of wall-clock, the learned
+reward's per-step correlation with the true one late in the run (runs that log ``pref/reward_corr``),
 the probability of improvement of SAIL-RevKL over PEBBLE, and draws return against env steps and
 against labels (``<root>/protocol.png``). ``screen`` runs ``pebble-revkl`` on cheetah-run at 2 seeds x
 100k steps over ``revkl_coef`` (1e-4, the paper's; 1e-3; 1e-2) x direction (reverse, forward) x reference
@@ -63,21 +64,25 @@ def read_record(path: Path) -> list[dict]:
 
 def finished(run_dir: Path) -> dict:
     """One finished run folder as a record line: final returns, labels, wall-clock, evaluation curve, and
-    (PEBBLE family) each feedback session's reward-ensemble epochs and labels so far."""
+    (PEBBLE family) each feedback session's reward-ensemble epochs and labels so far, and the learned reward's
+    per-step correlation with the true one over the last 20 logged iterations (``pref/reward_corr``)."""
     s = json.loads((run_dir / "summary.json").read_text())
-    curve, labels, feedback_s, epochs = [], 0.0, 0.0, []
+    curve, labels, feedback_s, epochs, corr = [], 0.0, 0.0, [], []
     with (run_dir / "progress.csv").open() as f:
         for row in csv.DictReader(f):
             labels = float(row.get("train/queries_used") or labels)  # logged on the rows where labels were spent
             feedback_s += float(row.get("time/feedback_s") or 0.0)
             if row.get("pebble/rm_epochs"):  # one per feedback session: the reward ensemble's epochs and labels
                 epochs.append((int(float(row["pebble/rm_epochs"])), int(float(row["pebble/labels"]))))
+            if row.get("pref/reward_corr"):
+                corr.append(float(row["pref/reward_corr"]))
             if row.get("eval/return_stoch"):
                 curve.append((float(row["step"]), float(row["eval/return_stoch"]), labels))
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"seed": s["seed"], "stoch": s["final"]["eval/return_stoch"], "det": s["final"]["eval/return_det"],
             "labels": s["queries_used"], "steps": s["env_steps"], "wall": s["wall_time_s"], "feedback_s": round(feedback_s, 1),
-            "rm_epochs": epochs, "curve": curve, "commit": commit, "host": platform.node()}
+            "rm_epochs": epochs, "curve": curve, "commit": commit, "host": platform.node(),
+            **({"reward_corr_late": round(float(np.nanmean(corr[-20:])), 3)} if corr else {})}
 
 
 def run_job(root: Path, env: str, agent: str, seed: int, steps: int | None, sets: list[str], tag: str, record: Path) -> str:
@@ -205,7 +210,9 @@ def cmd_report(args) -> None:
                          f"labels {max(r['labels'] for r in rs):.0f} | steps {rs[0]['steps']:,}"
                          + (f" | {wall:.0f} min/run" if np.isfinite(wall) else "")
                          + (f" | reward learning {100 * sum(r['feedback_s'] for r in rs) / sum(r['wall'] for r in rs):.1f}% of it"
-                            if any(r["feedback_s"] for r in rs) else ""))
+                            if any(r["feedback_s"] for r in rs) else "")
+                         + (f" | learned-reward corr, last 20 iterations {np.mean([r['reward_corr_late'] for r in rs]):.2f}"
+                            if all("reward_corr_late" in r for r in rs) else ""))
             lines.append("    per seed (stoch / det): " + ", ".join(f"s{r['seed']} {r['stoch']:.1f} / {r['det']:.1f}" for r in rs))
         best = [m for m in results if m.startswith("pebble-revkl-best")]
         for a, b in dict.fromkeys(map(tuple, [*args.pairs, *([m, "pebble"] for m in best)])):  # each pair once, in order
