@@ -111,6 +111,18 @@ def test_disagreement_picks_the_pairs_the_members_disagree_on():
     assert len(set(select_queries(rm, seg(x1), seg(x1 + gap), 6, "uniform", rng)) & set(np.flatnonzero(gap))) < 6
 
 
+def test_rm_output_linear_leaves_the_learned_reward_unbounded():
+    """B-Pref's tanh caps each member at 1; ``agent.rm_output=linear`` passes the last layer through."""
+    for out, expect in (("tanh", np.tanh(3.0)), ("linear", 3.0)):
+        agent, env = build_agent(resolve_config("cheetah-run-pref", "pebble", [*TINY, f"agent.rm_output={out}"], steps=1000, seed=0))
+        env.close()
+        net = agent.reward_model.net
+        with torch.no_grad():
+            net.weights[-1].zero_()
+            net.biases[-1].fill_(3.0)
+        assert agent.reward_model.predict(np.zeros((2, agent.obs_dim), np.float32), np.zeros((2, agent.act_dim), np.float32)) == pytest.approx([expect] * 2)
+
+
 def test_reward_fit_stops_on_the_decided_labels_and_leaves_ties_out():
     """B-Pref's early stop (train accuracy >= 0.97) reads the labels that have a right order: 20 ties among 60
     labels (segments that both sit still, as cheetah-run's zero-speed ones do) cannot hold it under the stop,

@@ -23,11 +23,12 @@ from rl_align.nets import Ensemble, RunningMeanStd
 
 
 class RewardEnsemble(torch.nn.Module):
-    """``r_hat(s, a) = (1/K) sum_k r_psi_k(s, a)``, each member in ``[-1, 1]``, and the labelled pairs it fits."""
+    """``r_hat(s, a) = (1/K) sum_k r_psi_k(s, a)``, each member in ``[-1, 1]`` (``output="tanh"``, B-Pref's)
+    or unbounded (``"linear"``), and the labelled pairs it fits."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], members: int, lr: float) -> None:
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], members: int, lr: float, output: str = "tanh") -> None:
         super().__init__()
-        self.net = Ensemble(members, obs_dim + act_dim, 1, hidden, "relu", out_activation="tanh")
+        self.net = Ensemble(members, obs_dim + act_dim, 1, hidden, "relu", out_activation="tanh" if output == "tanh" else None)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.pairs: dict[str, torch.Tensor] = {}  # obs1, act1, mask1, obs2, act2, mask2 [P, H, .] and label [P]
 

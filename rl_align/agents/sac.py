@@ -75,6 +75,7 @@ class SACConfig(AgentConfig):
     rm_batch: int = 128
     rm_epochs: int = 200  # at most, per feedback session (stops when the train accuracy reaches rm_stop_accuracy)
     rm_stop_accuracy: float = 0.97
+    rm_output: str = "tanh"  # tanh (B-Pref's: each member in [-1, 1]) | linear (unbounded: no saturation at the top)
     # SAIL-RevKL off-policy: the KL term of the actor loss
     revkl_coef: float = 0.0
     revkl_direction: str = "reverse"  # reverse: KL(pi || pi_ref); forward: KL(pi_ref || pi), the paper's code
@@ -102,6 +103,8 @@ class SACConfig(AgentConfig):
             raise UserError(f"agent.reward must be env (the true reward) or preferences, got {self.reward!r}")
         if self.query not in QUERIES:
             raise UserError(f"agent.query must be one of {', '.join(QUERIES)}, got {self.query!r}")
+        if self.rm_output not in ("tanh", "linear"):
+            raise UserError(f"agent.rm_output must be tanh or linear, got {self.rm_output!r}")
         if self.revkl_direction not in ("reverse", "forward"):
             raise UserError(f"agent.revkl_direction must be reverse or forward, got {self.revkl_direction!r}")
         if len(self.log_std_bounds) != 2 or self.log_std_bounds[0] >= self.log_std_bounds[1]:
@@ -162,7 +165,7 @@ class SAC(Agent):
         self.replay = ReplayBuffer(min(c.buffer_size, max(total_steps, c.batch)), env.n_envs, obs_dim, act_dim)
         self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False) if c.revkl_coef > 0 else None
         self.ref_net = None  # pi_ref's own network, when it is not the policy's (an SB3 SAC model)
-        self.reward_model = (RewardEnsemble(obs_dim, act_dim, c.rm_hidden, c.rm_ensemble, c.rm_lr).to(self.device)
+        self.reward_model = (RewardEnsemble(obs_dim, act_dim, c.rm_hidden, c.rm_ensemble, c.rm_lr, c.rm_output).to(self.device)
                              if c.reward == "preferences" else None)
         self.entropy = StateEntropy(c.entropy_k)
         self.act_scale, self.act_shift = (self.act_high - self.act_low) / 2, (self.act_high + self.act_low) / 2
