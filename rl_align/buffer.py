@@ -202,7 +202,8 @@ class ReplayBuffer:
     """The off-policy agents' store of every transition, a ring of ``[C, N]`` (time, env) slots.
 
     ``rewards`` is the true reward, read only by oracles (through :meth:`segments`), by SAC on the true
-    reward and by the logged diagnostic :meth:`reward_corr` (never trained on); ``learned`` is the column a preference agent trains on (``relabel`` rewrites all of it).
+    reward and by the logged diagnostic :meth:`reward_corr` (never trained on); ``learned`` is the column a
+    preference agent trains on (``relabel`` rewrites all of it).
     Observations are stored raw (the agent normalizes at sample time, if it normalizes) with the
     observation each step led to (``next_obs``: the ending one where an episode ended). Windows of
     :meth:`segments` lie inside one episode (the last step of a window may end it)."""
@@ -241,19 +242,21 @@ class ReplayBuffer:
         k = rng.integers(0, self.size * self.N, size=batch)
         return k // self.N, k % self.N
 
+    def _last(self, steps: int) -> np.ndarray:
+        """Slots of the last ``min(steps, size)`` vector steps, oldest first."""
+        k = min(steps, self.size)
+        return (self.pos - k + np.arange(k)) % self.C
+
     def recent(self, steps: int) -> np.ndarray:
         """Observations of the last ``steps`` vector steps, ``[min(steps, size) * N, obs_dim]``."""
-        k = min(steps, self.size)
-        idx = (self.pos - k + np.arange(k)) % self.C
-        return self.obs[idx].reshape(-1, self.obs.shape[-1])
+        return self.obs[self._last(steps)].reshape(-1, self.obs.shape[-1])
 
     def reward_corr(self, steps: int) -> float:
         """Pearson correlation of the learned and the true reward over the last ``steps`` vector steps: how
         well the reward the agent trains on ranks what it does now (nan while either is constant)."""
-        k = min(steps, self.size)
-        idx = (self.pos - k + np.arange(k)) % self.C
+        idx = self._last(steps)
         learned, true = self.learned[idx].ravel().astype(np.float64), self.rewards[idx].ravel()
-        if k < 2 or learned.std() == 0 or true.std() == 0:
+        if len(idx) < 2 or learned.std() == 0 or true.std() == 0:
             return float("nan")
         return float(np.corrcoef(learned, true)[0, 1])
 
@@ -263,7 +266,7 @@ class ReplayBuffer:
         k = min(self.size, window or self.size)
         if k < H:
             return None
-        chron = (self.pos - k + np.arange(k)) % self.C  # slot of the i-th oldest step in the window
+        chron = self._last(k)  # slot of the i-th oldest step in the window
         done = (self.terminated | self.truncated)[chron]  # [k, N]
         # a start i is valid when steps i .. i + H - 2 end no episode (the window's last step may)
         ends = np.concatenate([np.zeros((1, self.N), int), np.cumsum(done, axis=0)])
