@@ -242,6 +242,11 @@ class ReplayBuffer:
         k = rng.integers(0, self.size * self.N, size=batch)
         return k // self.N, k % self.N
 
+    def recent_index(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every ``(t, n)`` slot of the last ``max(1, batch // N)`` vector steps: the newest transitions."""
+        t = self._last(max(1, batch // self.N))
+        return np.repeat(t, self.N), np.tile(np.arange(self.N), len(t))
+
     def _last(self, steps: int) -> np.ndarray:
         """Slots of the last ``min(steps, size)`` vector steps, oldest first."""
         k = min(steps, self.size)

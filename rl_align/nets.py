@@ -102,6 +102,8 @@ class SquashedGaussianPolicy(nn.Module):
         mu, raw = self.trunk(obs).chunk(2, dim=-1)
         return mu, bounded_log_std(raw, self.log_std_min, self.log_std_max, self.log_std_bound)
 
+    forward = dist_params
+
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Reparameterized ``a = tanh(mu + std * eps)`` ``[B, act_dim]``, ``log pi(a|s)`` ``[B]`` (with the tanh
         Jacobian, ``log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))``) and the Gaussian's ``(mu, log_std)``."""

@@ -88,6 +88,49 @@ def test_revkl_coef_zero_is_pebble_exactly(tmp_path):
     assert float(ra[-1]["pebble/labels"] or 0) > 0 or any(r.get("pebble/labels") for r in ra)  # the runs did learn from labels
 
 
+def test_natural_step_solves_the_fisher_system_in_its_trust_region():
+    """The npg actor step against an explicit Fisher: ``F`` the Hessian of ``E_s KL(pi_old || pi)`` over the
+    flat parameters, computed by autograd (the agent's product uses the Gaussian's Fisher in closed form); the step equals ``-sqrt(2 max_kl / x^T A x) x`` with
+    ``x = A^-1 g``, ``A = F + damping I``; the KL it moves is ``max_kl`` to second order; the loss falls."""
+    cfg = resolve_config("halfcheetah", "pebble-revkl-npg", [*TINY, "agent.hidden=[8,8]", "agent.npg_cg_iters=400",
+                                                             "agent.npg_max_kl=1e-5"], steps=1000)
+    agent, env = build_agent(cfg)
+    env.close()
+    policy = agent.policy.double()
+    torch.manual_seed(0)
+    obs = torch.randn(64, agent.obs_dim, dtype=torch.float64)
+    w = torch.randn(agent.act_dim, dtype=torch.float64)
+    loss_of = lambda mu, log_std: (mu @ w).mean() + (log_std**2).mean()  # noqa: E731  any smooth loss of pi
+    names, shapes = [n for n, _ in policy.named_parameters()], [p.shape for p in policy.parameters()]
+    theta = torch.nn.utils.parameters_to_vector(policy.parameters()).detach().clone()
+
+    def dist(flat):  # (mu, log_std) at obs with the parameters ``flat``, as dist_params computes them
+        params = dict(zip(names, (c.reshape(s) for c, s in zip(flat.split([math.prod(s) for s in shapes]), shapes))))
+        return torch.func.functional_call(policy, params, (obs,))
+
+    mu0, log_std0 = (t.detach() for t in dist(theta))
+    kl = lambda flat: gaussian_kl(mu0, log_std0, *dist(flat)).mean()  # noqa: E731
+    loss = lambda flat: loss_of(*dist(flat))  # noqa: E731
+
+    A = torch.autograd.functional.hessian(kl, theta) + agent.config.npg_damping * torch.eye(len(theta), dtype=torch.float64)
+    x = torch.linalg.solve(A, torch.autograd.functional.jacobian(loss, theta))
+    expected = -math.sqrt(2 * agent.config.npg_max_kl / float(x @ A @ x)) * x
+    m = agent.natural_step(obs, loss_of(*policy.dist_params(obs)))
+    moved = torch.nn.utils.parameters_to_vector(policy.parameters()).detach() - theta
+    assert float((moved - expected).norm() / expected.norm()) < 1e-4
+    assert m["train/npg_kl"] == pytest.approx(1e-5, rel=0.05) and m["train/npg_skipped"] == 0.0
+    assert float(loss(theta + moved)) < float(loss(theta))
+
+
+def test_recent_index_is_the_newest_transitions():
+    buf = ReplayBuffer(capacity=12, n_envs=2, obs_dim=1, act_dim=1)
+    for i in range(9):  # 6 slots per env: the ring wraps after step 5
+        buf.add(np.full((2, 1), i, np.float32), np.zeros((2, 1)), np.zeros((2, 1)), np.zeros(2), np.zeros(2), np.zeros((2, 3)),
+                np.zeros(2, bool), np.zeros(2, bool))
+    t, n = buf.recent_index(6)
+    assert sorted(buf.obs[t, n, 0]) == [6, 6, 7, 7, 8, 8] and sorted(n) == [0, 0, 0, 1, 1, 1]
+
+
 def test_disagreement_picks_the_pairs_the_members_disagree_on():
     """Members whose reward is +x, -x and +x (x = the first observation): pairs whose segments differ in x
     split the ensemble, pairs with equal x get P = 1/2 from every member."""

@@ -10,6 +10,12 @@ Per gradient step, on a batch ``(s, a, r, s', d)`` from the replay buffer (``r``
     alpha    L_a = -E[log alpha * (log pi(a|s) + target_entropy)]
     targets  Qbar <- (1 - tau) Qbar + tau Q
 
+``actor_step: npg`` replaces the actor's Adam step by the natural-gradient step of the paper's TRPO ablation
+(its public code's ``sac_revkl_npg.py``): ``x = (F + damping I)^-1 g`` by conjugate gradient, ``g`` the
+gradient of ``L_pi`` and ``F`` the Hessian of ``KL(pi_old || pi)`` at ``pi_old``, then
+``theta <- theta - sqrt(2 max_kl / x^T (F + damping I) x) x``, halved once if the measured KL passes
+``2 max_kl``; no line search.
+
 The KL between two tanh-squashed Gaussians equals the KL of their pre-squash Gaussians (tanh is a
 bijection), so it is closed form; ``revkl_direction: forward`` computes ``KL(pi_ref || pi)`` instead, which
 is what the paper's public code does. ``revkl_coef = 0`` is PEBBLE exactly.
@@ -21,6 +27,7 @@ feedback schedule and takes ``updates_per_step`` gradient steps per env step, in
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +44,21 @@ from rl_align.labels.learn import arrived_labels, post_pairs
 from rl_align.nets import Ensemble, SquashedGaussianPolicy, bounded_log_std, gaussian_kl, numpy_forward
 
 QUERIES = ("uniform", "disagreement", "entropy")
+
+
+def conjugate_gradient(Av, b: torch.Tensor, iters: int, tol: float = 1e-10) -> torch.Tensor:
+    """``x ~= A^-1 b`` for a symmetric positive definite ``A`` given as the product ``Av(v)``, from ``x = 0``."""
+    x, r = torch.zeros_like(b), b.clone()
+    p, rr = r.clone(), r @ r
+    for _ in range(iters):
+        if rr < tol:
+            break
+        Ap = Av(p)
+        step = rr / (p @ Ap)
+        x, r = x + step * p, r - step * Ap
+        rr, rr_old = r @ r, rr
+        p = r + (rr / rr_old) * p
+    return x
 
 
 @dataclass
@@ -83,14 +105,21 @@ class SACConfig(AgentConfig):
     ref_every: int = 50_000  # lagged: pi_ref <- pi every this many env steps after ref_start
     ref_start: int = 5_000
     win_rate_episodes: int = 4
+    # the actor's step: adam, or the paper's natural-gradient step (sac_revkl_npg.py) in a KL trust region
+    actor_step: str = "adam"  # adam | npg
+    npg_max_kl: float = 0.01
+    npg_cg_iters: int = 10
+    npg_damping: float = 0.1
+    recent_batch: int = 0  # > 0: each gradient step after the unsupervised phase trains on the newest this many transitions (the npg script)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for k in ("batch", "buffer_size", "target_every", "log_every", "segment_len", "feedback_every", "queries_per_feedback",
-                  "query_pool", "query_window", "entropy_k", "rm_ensemble", "rm_batch", "rm_epochs", "ref_every", "win_rate_episodes"):
+                  "query_pool", "query_window", "entropy_k", "rm_ensemble", "rm_batch", "rm_epochs", "ref_every", "win_rate_episodes",
+                  "npg_cg_iters"):
             if getattr(self, k) < 1:
                 raise UserError(f"agent.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("learning_starts", "unsup_steps", "reset_updates", "ref_start"):
+        for k in ("learning_starts", "unsup_steps", "reset_updates", "ref_start", "recent_batch"):
             if getattr(self, k) < 0:
                 raise UserError(f"agent.{k} must be >= 0, got {getattr(self, k)}")
         if not 0 < self.tau <= 1:
@@ -105,6 +134,10 @@ class SACConfig(AgentConfig):
             raise UserError(f"agent.query must be one of {', '.join(QUERIES)}, got {self.query!r}")
         if self.rm_output not in ("tanh", "linear"):
             raise UserError(f"agent.rm_output must be tanh or linear, got {self.rm_output!r}")
+        if self.actor_step not in ("adam", "npg"):
+            raise UserError(f"agent.actor_step must be adam or npg (the natural-gradient step), got {self.actor_step!r}")
+        if self.npg_max_kl <= 0 or self.npg_damping < 0:
+            raise UserError(f"agent.npg_max_kl must be > 0 and agent.npg_damping >= 0, got {self.npg_max_kl} and {self.npg_damping}")
         if self.revkl_direction not in ("reverse", "forward"):
             raise UserError(f"agent.revkl_direction must be reverse or forward, got {self.revkl_direction!r}")
         if len(self.log_std_bounds) != 2 or self.log_std_bounds[0] >= self.log_std_bounds[1]:
@@ -319,13 +352,14 @@ class SAC(Agent):
     # ---- one gradient step ---------------------------------------------------------------------------
     def gradient_step(self) -> dict[str, float]:
         c = self.config
-        t, n = self.replay.sample_index(c.batch, self.rng)
+        pretraining = self.reward_model is not None and self.env_steps < c.learning_starts + c.unsup_steps
+        recent = c.recent_batch and not pretraining  # the npg script samples its unsupervised phase uniformly
+        t, n = self.replay.recent_index(c.recent_batch) if recent else self.replay.sample_index(c.batch, self.rng)
         rb, dev = self.replay, self.device
         obs = torch.as_tensor(self.normalize(rb.obs[t, n]), device=dev)
         next_obs = torch.as_tensor(self.normalize(rb.next_obs[t, n]), device=dev)
         act = torch.as_tensor(rb.actions[t, n], device=dev)
         not_term = torch.as_tensor(1.0 - rb.terminated[t, n].astype(np.float32), device=dev)
-        pretraining = self.reward_model is not None and self.env_steps < c.learning_starts + c.unsup_steps
         if pretraining:  # PEBBLE's unsupervised phase: the state-entropy reward, no task reward at all
             reward = self.entropy(obs, torch.as_tensor(self.normalize(rb.recent(10_000)), device=dev))
         elif self.reward_model is not None:
@@ -352,9 +386,12 @@ class SAC(Agent):
             kl = self.revkl_term(obs, mu, log_std)
             actor_loss = actor_loss + c.revkl_coef * kl  # + lambda KL(pi || pi_ref)
             m["train/kl_ref"] = float(kl.detach())
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_opt.step()
+        if c.actor_step == "npg":
+            m.update(self.natural_step(obs, actor_loss))
+        else:
+            self.actor_opt.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            self.actor_opt.step()
         self.critic.requires_grad_(True)
 
         alpha_loss = -(self.temperature.log_alpha * (logp.detach() + self.target_entropy)).mean()
@@ -370,6 +407,40 @@ class SAC(Agent):
                   "train/alpha": float(alpha), "train/entropy": float(-logp.detach().mean()), "train/q": float(q.detach().mean()),
                   "train/batch_reward": float(reward.mean())})
         return m
+
+    def natural_step(self, obs: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
+        """The natural-gradient actor step (the module docstring): ``x = (F + damping I)^-1 g`` by conjugate
+        gradient, then a step of quadratic KL ``max_kl``, halved once if the measured KL passes twice that.
+        ``F``, the Hessian of ``E_s KL(pi_old || pi)`` at ``pi_old``, is ``E_s J^T diag(1/std^2, 2) J`` with ``J``
+        the Jacobian of ``(mu, log_std)`` (the KL's gradient is zero there); ``J v`` comes from differentiating
+        ``J^T u`` in ``u``, so each product is two backward passes through graphs built once."""
+        c, params = self.config, list(self.policy.parameters())
+        flat = lambda tensors: torch.cat([t.reshape(-1) for t in tensors])  # noqa: E731
+        g = flat(torch.autograd.grad(loss, params))
+        out = torch.cat(self.policy(obs), -1)  # [B, 2 act_dim]: (mu, log_std)
+        old_mu, old_log_std = out.detach().chunk(2, -1)
+        fisher = torch.cat([torch.exp(-2 * old_log_std), torch.full_like(old_log_std, 2.0)], -1) / len(obs)
+        u = torch.zeros_like(out, requires_grad=True)
+        jt_u = flat(torch.autograd.grad(out, params, grad_outputs=u, create_graph=True))  # J^T u, linear in u
+
+        def fvp(v: torch.Tensor) -> torch.Tensor:  # (F + damping I) v
+            jv = torch.autograd.grad(jt_u, u, grad_outputs=v, retain_graph=True)[0]
+            return flat(torch.autograd.grad(out, params, grad_outputs=fisher * jv, retain_graph=True)) + c.npg_damping * v
+
+        x = conjugate_gradient(fvp, g, c.npg_cg_iters)
+        xFx = float(x @ fvp(x))
+        if not math.isfinite(xFx) or xFx <= 0:  # no trust region to scale to: skip this actor step
+            return {"train/npg_skipped": 1.0}
+        scale = math.sqrt(2 * c.npg_max_kl / xFx)
+        old = torch.nn.utils.parameters_to_vector(params).detach()
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(old - scale * x, params)
+            kl = float(gaussian_kl(old_mu, old_log_std, *self.policy(obs)).mean())
+            if kl > 2 * c.npg_max_kl:  # one backoff, as the paper's code; not a line search
+                scale *= 0.5
+                torch.nn.utils.vector_to_parameters(old - scale * x, params)
+                kl = float(gaussian_kl(old_mu, old_log_std, *self.policy(obs)).mean())
+        return {"train/npg_kl": kl, "train/npg_scale": scale, "train/npg_skipped": 0.0}
 
     def revkl_term(self, obs: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
         """``E_s KL(pi(.|s) || pi_ref(.|s))`` (``forward``: ``KL(pi_ref || pi)``), the pre-squash Gaussians' KL."""
