@@ -90,8 +90,9 @@ def test_revkl_coef_zero_is_pebble_exactly(tmp_path):
 
 def test_natural_step_solves_the_fisher_system_in_its_trust_region():
     """The npg actor step against an explicit Fisher: ``F`` the Hessian of ``E_s KL(pi_old || pi)`` over the
-    flat parameters, computed by autograd (the agent's product uses the Gaussian's Fisher in closed form); the step equals ``-sqrt(2 max_kl / x^T A x) x`` with
-    ``x = A^-1 g``, ``A = F + damping I``; the KL it moves is ``max_kl`` to second order; the loss falls."""
+    flat parameters, computed by autograd (the agent's product uses the Gaussian's Fisher in closed form);
+    the step equals ``-sqrt(2 max_kl / x^T A x) x`` with ``x = A^-1 g``, ``A = F + damping I``; the KL it
+    moves is ``max_kl`` to second order; the loss falls."""
     cfg = resolve_config("halfcheetah", "pebble-revkl-npg", [*TINY, "agent.hidden=[8,8]", "agent.npg_cg_iters=400",
                                                              "agent.npg_max_kl=1e-5"], steps=1000)
     agent, env = build_agent(cfg)
