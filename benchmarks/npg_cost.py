@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rl_align.agents.sac import fisher_product  # noqa: E402
 from rl_align.nets import SquashedGaussianPolicy, gaussian_kl  # noqa: E402
 from rl_align.runs import build_agent, resolve_config  # noqa: E402
 
@@ -62,14 +63,7 @@ def fvp_ms(repeats: int = 20) -> dict[str, float]:
         return f
 
     def closed_form():
-        out = torch.cat(pol(obs), -1)
-        u = torch.zeros_like(out, requires_grad=True)
-        jt_u = flat(torch.autograd.grad(out, params, grad_outputs=u, create_graph=True))
-
-        def f(v):
-            jv = torch.autograd.grad(jt_u, u, grad_outputs=v, retain_graph=True)[0]
-            return flat(torch.autograd.grad(out, params, grad_outputs=fisher * jv, retain_graph=True))
-        return f
+        return fisher_product(pol, obs, damping=0.0)[0]
 
     v, times, results = torch.randn(sum(sizes)), {}, []
     for name, make in (("Hessian, rebuilt per product (the paper's code)", rebuilt), ("Hessian, graph built once", built_once),

@@ -61,6 +61,26 @@ def conjugate_gradient(Av, b: torch.Tensor, iters: int, tol: float = 1e-10) -> t
     return x
 
 
+def fisher_product(policy: SquashedGaussianPolicy, obs: torch.Tensor, damping: float):
+    """``v -> (F + damping I) v`` over the policy's flat parameters, and the policy's ``(mu, log_std)`` at
+    ``obs`` now. ``F``, the Hessian of ``E_s KL(pi_old || pi)`` at ``pi_old``, is ``E_s J^T diag(1/std^2, 2) J``
+    with ``J`` the Jacobian of ``(mu, log_std)`` (the KL's gradient is zero there); ``J v`` comes from
+    differentiating ``J^T u`` in ``u``, so each product is two backward passes through graphs built once."""
+    params = list(policy.parameters())
+    flat = lambda tensors: torch.cat([t.reshape(-1) for t in tensors])  # noqa: E731
+    out = torch.cat(policy(obs), -1)  # [B, 2 act_dim]: (mu, log_std)
+    old = out.detach().chunk(2, -1)
+    fisher = torch.cat([torch.exp(-2 * old[1]), torch.full_like(old[1], 2.0)], -1) / len(obs)
+    u = torch.zeros_like(out, requires_grad=True)
+    jt_u = flat(torch.autograd.grad(out, params, grad_outputs=u, create_graph=True))  # J^T u, linear in u
+
+    def fvp(v: torch.Tensor) -> torch.Tensor:
+        jv = torch.autograd.grad(jt_u, u, grad_outputs=v, retain_graph=True)[0]
+        return flat(torch.autograd.grad(out, params, grad_outputs=fisher * jv, retain_graph=True)) + damping * v
+
+    return fvp, old
+
+
 @dataclass
 class SACConfig(AgentConfig):
     """SAC with stable-baselines3's defaults; the preference pipeline and the KL term off by default."""
@@ -410,36 +430,27 @@ class SAC(Agent):
 
     def natural_step(self, obs: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
         """The natural-gradient actor step (the module docstring): ``x = (F + damping I)^-1 g`` by conjugate
-        gradient, then a step of quadratic KL ``max_kl``, halved once if the measured KL passes twice that.
-        ``F``, the Hessian of ``E_s KL(pi_old || pi)`` at ``pi_old``, is ``E_s J^T diag(1/std^2, 2) J`` with ``J``
-        the Jacobian of ``(mu, log_std)`` (the KL's gradient is zero there); ``J v`` comes from differentiating
-        ``J^T u`` in ``u``, so each product is two backward passes through graphs built once."""
+        gradient (:func:`fisher_product`), then a step of quadratic KL ``max_kl``, halved once if the
+        measured KL passes twice that."""
         c, params = self.config, list(self.policy.parameters())
-        flat = lambda tensors: torch.cat([t.reshape(-1) for t in tensors])  # noqa: E731
-        g = flat(torch.autograd.grad(loss, params))
-        out = torch.cat(self.policy(obs), -1)  # [B, 2 act_dim]: (mu, log_std)
-        old_mu, old_log_std = out.detach().chunk(2, -1)
-        fisher = torch.cat([torch.exp(-2 * old_log_std), torch.full_like(old_log_std, 2.0)], -1) / len(obs)
-        u = torch.zeros_like(out, requires_grad=True)
-        jt_u = flat(torch.autograd.grad(out, params, grad_outputs=u, create_graph=True))  # J^T u, linear in u
-
-        def fvp(v: torch.Tensor) -> torch.Tensor:  # (F + damping I) v
-            jv = torch.autograd.grad(jt_u, u, grad_outputs=v, retain_graph=True)[0]
-            return flat(torch.autograd.grad(out, params, grad_outputs=fisher * jv, retain_graph=True)) + c.npg_damping * v
-
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)])
+        fvp, (old_mu, old_log_std) = fisher_product(self.policy, obs, c.npg_damping)
         x = conjugate_gradient(fvp, g, c.npg_cg_iters)
         xFx = float(x @ fvp(x))
         if not math.isfinite(xFx) or xFx <= 0:  # no trust region to scale to: skip this actor step
             return {"train/npg_skipped": 1.0}
-        scale = math.sqrt(2 * c.npg_max_kl / xFx)
         old = torch.nn.utils.parameters_to_vector(params).detach()
-        with torch.no_grad():
+
+        @torch.no_grad()
+        def step(scale: float) -> float:  # theta <- theta_old - scale x; the KL it moved, measured
             torch.nn.utils.vector_to_parameters(old - scale * x, params)
-            kl = float(gaussian_kl(old_mu, old_log_std, *self.policy(obs)).mean())
-            if kl > 2 * c.npg_max_kl:  # one backoff, as the paper's code; not a line search
-                scale *= 0.5
-                torch.nn.utils.vector_to_parameters(old - scale * x, params)
-                kl = float(gaussian_kl(old_mu, old_log_std, *self.policy(obs)).mean())
+            return float(gaussian_kl(old_mu, old_log_std, *self.policy(obs)).mean())
+
+        scale = math.sqrt(2 * c.npg_max_kl / xFx)
+        kl = step(scale)
+        if kl > 2 * c.npg_max_kl:  # one backoff, as the paper's code; not a line search
+            scale *= 0.5
+            kl = step(scale)
         return {"train/npg_kl": kl, "train/npg_scale": scale, "train/npg_skipped": 0.0}
 
     def revkl_term(self, obs: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
