@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rl_align.errors import UserError
+from rl_align.errors import DiskFault, Interrupted, UserError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -53,7 +53,13 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# sub-command -> the module whose ``add_parser`` defines it, in the order ``rl-align --help`` lists them
+TOOLS = {"eval": "rl_align.evaluation", "sweep": "rl_align.sweep", "report": "rl_align.report", "tournament": "rl_align.tournament",
+         "game": "rl_align.games.cli", "export": "rl_align.sb3", "label": "rl_align.labels.cli"}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or, given the sub-command a command line names, only the part it needs."""
     parser = argparse.ArgumentParser(prog="rl-align", description="Preference alignment and safe policy optimization on MuJoCo.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -72,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list env and agent presets", description="List env and agent presets with their descriptions.")
     p.set_defaults(func=_list)
 
-    # each tool module contributes its own sub-command(s) through ``add_parser(sub)``
-    for module in ("rl_align.evaluation", "rl_align.sweep", "rl_align.report", "rl_align.tournament", "rl_align.games.cli", "rl_align.sb3",
-                   "rl_align.labels.cli"):
+    # each tool module contributes its sub-command through ``add_parser(sub)``; a command line that names one
+    # imports only that module (scipy.stats and stable-baselines3 cost seconds that `train` never needs)
+    modules = [TOOLS[command]] if command in TOOLS else [] if command in ("train", "list") else TOOLS.values()
+    for module in modules:
         try:
             __import__(module, fromlist=["add_parser"]).add_parser(sub)
         except ModuleNotFoundError as exc:
@@ -84,11 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
-    from rl_align.checkpoints import DISK_ERRNOS, disk_message
     from rl_align.signals import ignore_further
-    from rl_align.train import DiskFault, Interrupted
 
     try:
         return int(args.func(args) or 0)
@@ -103,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rl-align: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a read-only folder, a full disk: before anything ran, nothing is half-written
+        from rl_align.checkpoints import DISK_ERRNOS, disk_message
+
         if exc.errno not in DISK_ERRNOS:
             raise
         print(f"rl-align: error: {disk_message(exc)}", file=sys.stderr)

@@ -145,8 +145,9 @@ def find_run_folder(root: Path) -> Path | None:
 def run_trial(t: Trial) -> dict:
     """Run (or skip, or resume) one trial; never raises: failures come back as a row with the error."""
     from rl_align.checkpoints import load_checkpoint
+    from rl_align.errors import Interrupted
     from rl_align.runs import create_run_folder, resolve_config
-    from rl_align.train import Interrupted, resume, train
+    from rl_align.train import resume, train
 
     row = {"trial": t.trial, "seed": t.seed, **t.settings, "status": "failed", "error": "", "run_folder": ""}
     folder = find_run_folder(Path(t.root))
@@ -326,7 +327,7 @@ def _run_pool(todo: list[Trial], workers: int, record, stop: DeferredSignals) ->
 
 def SweepInterrupted(signum: int) -> Exception:
     """The sweep's own interruption: exit 128 + signum with the way to resume."""
-    from rl_align.train import Interrupted
+    from rl_align.errors import Interrupted
 
     exc = Interrupted.__new__(Interrupted)
     Exception.__init__(exc, f"{signal.Signals(signum).name}: running trials wrote checkpoints; re-run the same sweep command to resume")

@@ -23,7 +23,7 @@ import torch
 from rl_align.agents.base import Agent, EpisodeTracker
 from rl_align.checkpoints import disk_message, load_checkpoint, save_checkpoint, write_text_atomic
 from rl_align.config import PRESET_ROOT, to_dict
-from rl_align.errors import UserError
+from rl_align.errors import DiskFault, Interrupted, UserError
 from rl_align.evaluation import eval_metrics
 from rl_align.logger import Logger, Progress
 from rl_align.runs import RunConfig, RunFolderLock, agent_preset, build_agent, create_run_folder, from_data, load_run_config
@@ -97,31 +97,6 @@ def check_finite(agent: Agent, metrics: dict[str, float], step: int) -> None:
         for pname, p in getattr(module, "named_parameters", lambda: [])():
             if not torch.isfinite(p).all():
                 raise TrainingDiverged(f"parameter {name}.{pname} became NaN/Inf at env step {step}; lower agent.lr (last good checkpoint kept)")
-
-
-class Interrupted(Exception):
-    """Ctrl-C / SIGTERM arrived: the current iteration was finished, a checkpoint written, logs flushed. With
-    ``step`` None a second one arrived while the first was handled: stopped at once, the last checkpoint stands."""
-
-    def __init__(self, signum: int, folder: Path | None, step: int | None) -> None:
-        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
-        name = signal.Signals(signum).name
-        if step is not None:
-            message = f"{name} at env step {step:,}: checkpoint written; continue with: rl-align train --resume {folder}"
-        elif folder is None:
-            message = f"{name} twice: stopped before the run folder was made; nothing to resume"
-        elif not (Path(folder) / "checkpoints" / "last.pt").exists():
-            message = f"{name} twice: stopped at once, before the first checkpoint of {folder}; start the run again"
-        else:
-            message = f"{name} twice: stopped at once; continue from the last checkpoint with: rl-align train --resume {folder}"
-        super().__init__(message)
-
-
-class DiskFault(Exception):
-    """A disk fault during the run (a full disk, a read-only or failing one): one line naming the file and the
-    OS error, after a checkpoint if one could still be written; the command exits 1."""
-
-    exit_code = 1
 
 
 def _disk_fault(exc: OSError, folder: Path, checkpoint) -> DiskFault:

@@ -107,3 +107,20 @@ def test_list_shows_presets_with_descriptions():
     res = rl_align("list")
     assert res.returncode == 0
     assert "halfcheetah" in res.stdout and "Safety-Gymnasium" in res.stdout and "ppo" in res.stdout
+
+
+def test_a_command_imports_only_what_it_runs():
+    """`rl-align list` and `train --help` answer without torch, and `train` without scipy.stats or
+    stable-baselines3: the CLI imports the module of the sub-command it was given, not every tool's."""
+    probe = ("import sys; from rl_align.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'scipy.stats', 'stable_baselines3') if m in sys.modules))")
+
+    def loaded(*args):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        return out.stdout.strip().splitlines()[-1]
+
+    assert loaded("list") == "[]"
+    assert loaded("train", "--help") == "[]"
+    assert "scipy.stats" not in loaded("train", "--env", "nosuchenv") and "stable_baselines3" not in loaded("train", "--env", "nosuchenv")
+    assert loaded("report", "--help") == "['scipy.stats']"
