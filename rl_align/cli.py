@@ -80,7 +80,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     # each tool module contributes its sub-command through ``add_parser(sub)``; a command line that names one
     # imports only that module (scipy.stats and stable-baselines3 cost seconds that `train` never needs)
-    modules = [TOOLS[command]] if command in TOOLS else [] if command in ("train", "list") else TOOLS.values()
+    if command in TOOLS:
+        modules = [TOOLS[command]]
+    elif command in ("train", "list"):
+        modules = []
+    else:  # --help, no command or a misspelt one: every command, so that argparse can list them
+        modules = TOOLS.values()
     for module in modules:
         try:
             __import__(module, fromlist=["add_parser"]).add_parser(sub)
